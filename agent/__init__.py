@@ -1,0 +1,3 @@
+"""edge-agent: Triton-compatible edge inference with verified fleet updates."""
+
+__version__ = "0.1.0"

@@ -27,7 +27,9 @@ def generate(out_dir: Path = OUT_DIR) -> list[Path]:
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--plugin=protoc-gen-mypy={Path(sys.executable).parent / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={Path(sys.executable).parent / 'protoc-gen-mypy_grpc'}",
         f"--mypy_out={out_dir}",
+        f"--mypy_grpc_out={out_dir}",
         *(str(PROTO_DIR / name) for name in PROTO_FILES),
     ]
     if protoc.main(args) != 0:

@@ -1,0 +1,107 @@
+"""The ``edge-agent`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.errors import AgentError, ConfigError
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from agent.app import read_config, serve
+    from agent.logs import configure_logging
+
+    overrides: dict[str, dict[str, Any]] = {}
+    if args.address is not None:
+        overrides.setdefault("server", {})["address"] = args.address
+    if args.unix_socket is not None:
+        overrides.setdefault("server", {})["unix_socket"] = args.unix_socket
+    if args.repository is not None:
+        overrides.setdefault("repository", {})["path"] = args.repository
+    if args.model_control is not None:
+        overrides.setdefault("repository", {})["model_control"] = args.model_control
+    if args.log_level is not None:
+        overrides.setdefault("logging", {})["level"] = args.log_level
+    try:
+        config = read_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.logging.level, config.logging.format)
+    try:
+        asyncio.run(serve(config, args.config))
+    except ConfigError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AgentError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from agent.app import read_config
+
+    try:
+        config = read_config(args.config)
+    except ConfigError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"OK {config.source}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Serve signed ONNX models over Triton's gRPC protocol; take verified "
+        "updates over MQTT.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the agent (the systemd service runs this)")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        help="TOML config file (default: /etc/edge-agent/agent.toml if it exists, else the "
+        "embedded defaults)",
+    )
+    serve.add_argument("--address", help="HOST:PORT to listen on (default 127.0.0.1:8001)")
+    serve.add_argument("--unix-socket", help="also listen on this unix socket path")
+    serve.add_argument("--repository", help="model repository directory (default ./models)")
+    serve.add_argument(
+        "--model-control", choices=["none", "explicit"], help="allow load/unload RPCs"
+    )
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("--config", type=Path)
+    check.set_defaults(func=_check_config)
+
+    try:
+        from agent.signing.cli import add_signing_commands
+    except ImportError:  # signing not installed in this tree yet
+        pass
+    else:
+        add_signing_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

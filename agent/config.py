@@ -1,0 +1,253 @@
+"""The agent's configuration: defaults for every key, validation with named errors.
+
+Pure: takes the already-parsed TOML mapping (``tomllib``) and returns a frozen
+``AgentConfig``. Validation uses a JSON Schema so that every wrong key or value
+is reported with its dotted path.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
+MIB = 1024 * 1024
+
+# The embedded defaults: `edge-agent serve` with no config file at all serves
+# the example repository in ./models on Triton's port, trusting the demo key.
+DEFAULTS: dict[str, Any] = {
+    "server": {
+        "address": "127.0.0.1:8001",
+        "unix_socket": "",
+        "max_message_bytes": 80 * MIB,  # a 64 MiB tensor plus protocol overhead
+        "tls_cert": "",
+        "tls_key": "",
+        "tls_client_ca": "",  # set to require client certificates (mutual TLS)
+        "drain_timeout_s": 10.0,
+        "max_concurrent_streams": 0,  # 0: unlimited
+    },
+    "repository": {
+        "path": "models",
+        "model_control": "none",  # "none" or "explicit" (enables load/unload RPCs)
+        "startup_models": [],  # with explicit control: models to load at start ([]: all)
+    },
+    "signing": {
+        "trust_dir": "models/keys/trusted",
+        "allow_unsigned_models": False,
+    },
+    "runtime": {
+        "intra_op_threads": 0,  # 0: onnxruntime decides
+        "inter_op_threads": 0,
+        "graph_optimization": "all",  # disable | basic | extended | all
+        "execution_providers": ["CPUExecutionProvider"],
+        "default_instance_count": 1,
+        "default_max_queue_size": 1024,
+    },
+    "state": {
+        "dir": "state",
+    },
+    "logging": {
+        "level": "info",
+        "format": "json",  # json | logfmt
+    },
+}
+
+_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "server": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "address": {"type": "string"},
+                "unix_socket": {"type": "string"},
+                "max_message_bytes": {"type": "integer", "minimum": 4096, "maximum": 2**31 - 1},
+                "tls_cert": {"type": "string"},
+                "tls_key": {"type": "string"},
+                "tls_client_ca": {"type": "string"},
+                "drain_timeout_s": {"type": "number", "minimum": 0, "maximum": 3600},
+                "max_concurrent_streams": {"type": "integer", "minimum": 0},
+            },
+        },
+        "repository": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "path": {"type": "string", "minLength": 1},
+                "model_control": {"enum": ["none", "explicit"]},
+                "startup_models": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        "signing": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "trust_dir": {"type": "string"},
+                "allow_unsigned_models": {"type": "boolean"},
+            },
+        },
+        "runtime": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "intra_op_threads": {"type": "integer", "minimum": 0, "maximum": 1024},
+                "inter_op_threads": {"type": "integer", "minimum": 0, "maximum": 1024},
+                "graph_optimization": {"enum": ["disable", "basic", "extended", "all"]},
+                "execution_providers": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "minItems": 1,
+                },
+                "default_instance_count": {"type": "integer", "minimum": 1, "maximum": 256},
+                "default_max_queue_size": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+            },
+        },
+        "state": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"dir": {"type": "string", "minLength": 1}},
+        },
+        "logging": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "level": {"enum": ["debug", "info", "warning", "error"]},
+                "format": {"enum": ["json", "logfmt"]},
+            },
+        },
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    address: str
+    unix_socket: str
+    max_message_bytes: int
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
+    drain_timeout_s: float
+    max_concurrent_streams: int
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryConfig:
+    path: str
+    model_control: str
+    startup_models: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SigningConfig:
+    trust_dir: str
+    allow_unsigned_models: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    intra_op_threads: int
+    inter_op_threads: int
+    graph_optimization: str
+    execution_providers: tuple[str, ...]
+    default_instance_count: int
+    default_max_queue_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    dir: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str
+    format: str
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    server: ServerConfig
+    repository: RepositoryConfig
+    signing: SigningConfig
+    runtime: RuntimeConfig
+    state: StateConfig
+    logging: LoggingConfig
+    source: str = field(default="<defaults>")
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        # Name the unknown key itself, not just its parent table.
+        schema: Any = error.schema
+        instance: Any = error.instance
+        extra = sorted(set(instance) - set(schema.get("properties", {})))
+        where = f"{path}." if path else ""
+        return f"unknown key '{where}{extra[0]}'" if extra else error.message
+    if error.validator == "enum":
+        options: Any = error.validator_value
+        allowed = ", ".join(repr(v) for v in options)
+        return f"key '{path}': {error.instance!r} is not one of {allowed}"
+    return f"key '{path}': {error.message}"
+
+
+def build_config(overrides: Mapping[str, Any], source: str = "<defaults>") -> AgentConfig:
+    """Merge ``overrides`` (parsed TOML plus CLI flags) over the defaults and validate."""
+    validator = jsonschema.Draft202012Validator(_SCHEMA)
+    errors = sorted(validator.iter_errors(overrides), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(f"{source}: {_describe(errors[0])}")
+    merged = _merge(DEFAULTS, overrides)
+    server = merged["server"]
+    if bool(server["tls_cert"]) != bool(server["tls_key"]):
+        raise ConfigError(f"{source}: keys 'server.tls_cert' and 'server.tls_key' go together")
+    if server["tls_client_ca"] and not server["tls_cert"]:
+        raise ConfigError(f"{source}: key 'server.tls_client_ca' needs 'server.tls_cert'")
+    if not server["address"] and not server["unix_socket"]:
+        raise ConfigError(f"{source}: set 'server.address' or 'server.unix_socket'")
+    if server["address"]:
+        _check_address(server["address"], source)
+    repo = merged["repository"]
+    runtime = merged["runtime"]
+    return AgentConfig(
+        server=ServerConfig(**server),
+        repository=RepositoryConfig(
+            path=repo["path"],
+            model_control=repo["model_control"],
+            startup_models=tuple(repo["startup_models"]),
+        ),
+        signing=SigningConfig(**merged["signing"]),
+        runtime=RuntimeConfig(
+            **{**runtime, "execution_providers": tuple(runtime["execution_providers"])}
+        ),
+        state=StateConfig(**merged["state"]),
+        logging=LoggingConfig(**merged["logging"]),
+        source=source,
+    )
+
+
+def _check_address(address: str, source: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(
+            f"{source}: key 'server.address': {address!r} is not HOST:PORT (e.g. 127.0.0.1:8001)"
+        )

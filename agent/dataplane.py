@@ -1,0 +1,146 @@
+"""The protocol-neutral data plane: what the gRPC servicer (or any other front
+end) asks of the agent. It knows models and tensors, not wire formats."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from agent import __version__
+from agent.errors import DeadlineExceededError, NotPermittedError, ServerUnavailableError
+from agent.inference import InferenceRequest, InferenceResponse, decode_request
+from agent.model_manager import ModelManager, ServingModel
+from agent.repository import check_model_name
+from agent.wire import model_config_pb2 as mc
+
+SERVER_NAME = "edge-agent"
+EXTENSIONS = (
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "schedule_policy",
+    "model_configuration",
+    "statistics",
+    "binary_tensor_data",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMetadata:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+class DataPlane:
+    def __init__(self, models: ModelManager, explicit_model_control: bool) -> None:
+        self.models = models
+        self.explicit_model_control = explicit_model_control
+        self.accepting = False  # set once start-up loading is done; cleared on drain
+
+    # -- health and metadata ----------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self.accepting
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        return self.models.is_ready(name, version)
+
+    def server_metadata(self) -> tuple[str, str, tuple[str, ...]]:
+        return SERVER_NAME, __version__, EXTENSIONS
+
+    def model_metadata(self, name: str, version: str = "") -> ModelMetadata:
+        model = self.models.resolve(name, version)
+        batch = [-1] if model.spec.max_batch_size > 0 else []
+        return ModelMetadata(
+            name=name,
+            versions=self.models.versions(name),
+            platform=model.config.platform,
+            inputs=[
+                TensorMetadata(t.name, t.datatype, (*batch, *t.dims)) for t in model.spec.inputs
+            ],
+            outputs=[
+                TensorMetadata(t.name, t.datatype, (*batch, *t.dims)) for t in model.spec.outputs
+            ],
+        )
+
+    def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
+        return self.models.resolve(name, version).config
+
+    def statistics(self, name: str = "", version: str = "") -> list[ServingModel]:
+        if name:
+            if version:
+                return [self.models.resolve(name, version)]
+            self.models.resolve(name)  # NOT_FOUND / not ready with reasons
+            return list(self.models.serving_versions(name).values())
+        return self.models.serving()
+
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        entries = []
+        for name, versions in sorted(self.models.states().items()):
+            for version, state in sorted(versions.items(), key=lambda kv: int(kv[0])):
+                if ready_only and state.state != "READY":
+                    continue
+                entries.append(
+                    IndexEntry(name, "" if version == "0" else version, state.state, state.reason)
+                )
+        return entries
+
+    async def load_model(self, name: str) -> None:
+        self._require_explicit("load")
+        await self.models.load_model(check_model_name(name))
+
+    async def unload_model(self, name: str) -> None:
+        self._require_explicit("unload")
+        await self.models.unload_model(check_model_name(name))
+
+    def _require_explicit(self, what: str) -> None:
+        if not self.explicit_model_control:
+            raise NotPermittedError(
+                f"cannot {what} models: model control is 'none' "
+                "(set repository.model_control = \"explicit\" in the agent config)"
+            )
+
+    # -- inference ---------------------------------------------------------
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        if not self.accepting:
+            raise ServerUnavailableError(
+                "the server is not accepting requests (starting or draining)"
+            )
+        started = time.perf_counter_ns()
+        model = self.models.resolve(request.model_name, request.model_version)
+        stats = model.stats
+        try:
+            decoded = decode_request(model.spec, request)
+            if request.deadline is not None and time.monotonic() >= request.deadline:
+                raise DeadlineExceededError("the request's deadline passed before it was queued")
+            done = await model.scheduler.submit(decoded, request.deadline)
+        except BaseException:
+            stats.record_failure(time.perf_counter_ns() - started)
+            raise
+        stats.record_success(
+            time.perf_counter_ns() - started, done.queue_ns, decoded.batch_size, done.timings
+        )
+        return InferenceResponse(
+            model.spec.name, model.spec.version, request.request_id, done.outputs
+        )

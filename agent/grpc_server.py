@@ -1,0 +1,342 @@
+"""The gRPC front end: KServe v2 / Triton servicer, health and reflection.
+
+The servicer only translates between wire messages and the data plane; every
+decision lives in ``agent.dataplane``. Errors map to status codes in
+``agent.grpc_status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agent.dataplane import DataPlane
+from agent.errors import AgentError, InvalidInputError
+from agent.grpc_status import status_for
+from agent.inference import InferenceRequest, InferenceResponse, InputTensor
+from agent.model_manager import ServingModel
+from agent.wire import grpc_service_pb2 as pb
+from agent.wire import grpc_service_pb2_grpc as pb_grpc
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+
+# Which InferTensorContents field carries each datatype when sent typed.
+_TYPED_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+_STREAM_WINDOW = 64  # stream requests in flight at once per stream
+
+_monotonic = time.monotonic
+
+
+def request_from_wire(msg: pb.ModelInferRequest, time_remaining: float | None) -> InferenceRequest:
+    raw = msg.raw_input_contents
+    if raw and len(raw) != len(msg.inputs):
+        raise InvalidInputError(
+            f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs"
+        )
+    inputs = []
+    for i, tensor in enumerate(msg.inputs):
+        typed = None
+        if tensor.HasField("contents"):
+            field = _TYPED_FIELD.get(tensor.datatype)
+            if field is None:
+                raise InvalidInputError(
+                    f"input '{tensor.name}': datatype {tensor.datatype} cannot be sent in "
+                    "contents; use raw_input_contents"
+                )
+            typed = getattr(tensor.contents, field)
+        inputs.append(
+            InputTensor(
+                tensor.name,
+                tensor.datatype,
+                tuple(tensor.shape),
+                raw[i] if raw else None,
+                typed,
+            )
+        )
+        if raw and typed is not None and len(typed) == 0:
+            inputs[-1].typed = None  # an empty contents message carries nothing
+    return InferenceRequest(
+        model_name=msg.model_name,
+        model_version=msg.model_version,
+        request_id=msg.id,
+        inputs=inputs,
+        requested_outputs=[o.name for o in msg.outputs] or None,
+        deadline=None if time_remaining is None else _monotonic() + time_remaining,
+    )
+
+
+def response_to_wire(response: InferenceResponse) -> pb.ModelInferResponse:
+    msg = pb.ModelInferResponse(
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.request_id,
+    )
+    add = msg.outputs.add
+    for out in response.outputs:
+        add(name=out.name, datatype=out.datatype, shape=out.shape)
+    msg.raw_output_contents.extend([out.raw for out in response.outputs])
+    return msg
+
+
+def _duration(d: Any) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def statistics_to_wire(model: ServingModel) -> pb.ModelStatistics:
+    s = model.stats
+    return pb.ModelStatistics(
+        name=model.spec.name,
+        version=model.spec.version,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(s.success),
+            fail=_duration(s.fail),
+            queue=_duration(s.queue),
+            compute_input=_duration(s.compute_input),
+            compute_infer=_duration(s.compute_infer),
+            compute_output=_duration(s.compute_output),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=_duration(b.compute_input),
+                compute_infer=_duration(b.compute_infer),
+                compute_output=_duration(b.compute_output),
+            )
+            for size, b in sorted(s.batches.items())
+        ],
+    )
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
+
+    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self._plane.live())
+
+    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._plane.ready())
+
+    async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self._plane.model_ready(request.name, request.version))
+
+    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+        name, version, extensions = self._plane.server_metadata()
+        return pb.ServerMetadataResponse(name=name, version=version, extensions=extensions)
+
+    async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
+        try:
+            meta = self._plane.model_metadata(request.name, request.version)
+        except AgentError as exc:
+            await context.abort(status_for(exc), str(exc))
+        T = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta.name,
+            versions=meta.versions,
+            platform=meta.platform,
+            inputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
+            outputs=[T(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs],
+        )
+
+    async def ModelConfig(self, request: Any, context: Any) -> pb.ModelConfigResponse:
+        try:
+            config = self._plane.model_config(request.name, request.version)
+        except AgentError as exc:
+            await context.abort(status_for(exc), str(exc))
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(self, request: Any, context: Any) -> pb.ModelStatisticsResponse:
+        try:
+            models = self._plane.statistics(request.name, request.version)
+        except AgentError as exc:
+            await context.abort(status_for(exc), str(exc))
+        return pb.ModelStatisticsResponse(model_stats=[statistics_to_wire(m) for m in models])
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> pb.RepositoryIndexResponse:
+        Entry = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[
+                Entry(name=e.name, version=e.version, state=e.state, reason=e.reason)
+                for e in self._plane.repository_index(request.ready)
+            ]
+        )
+
+    async def RepositoryModelLoad(
+        self, request: Any, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        try:
+            await self._plane.load_model(request.model_name)
+        except AgentError as exc:
+            await context.abort(status_for(exc), str(exc))
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: Any, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        try:
+            await self._plane.unload_model(request.model_name)
+        except AgentError as exc:
+            await context.abort(status_for(exc), str(exc))
+        return pb.RepositoryModelUnloadResponse()
+
+    async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
+        try:
+            response = await self._plane.infer(
+                request_from_wire(request, context.time_remaining())
+            )
+        except AgentError as exc:
+            await context.abort(status_for(exc), str(exc))
+        return response_to_wire(response)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # Requests on one stream run concurrently (bounded); responses carry the
+        # request id so clients match them, as with Triton.
+        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(_STREAM_WINDOW)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(msg: Any) -> None:
+            try:
+                response = await self._plane.infer(request_from_wire(msg, None))
+                await results.put(
+                    pb.ModelStreamInferResponse(infer_response=response_to_wire(response))
+                )
+            except AgentError as exc:
+                await results.put(
+                    pb.ModelStreamInferResponse(
+                        error_message=str(exc),
+                        infer_response=pb.ModelInferResponse(
+                            model_name=msg.model_name, model_version=msg.model_version, id=msg.id
+                        ),
+                    )
+                )
+            finally:
+                window.release()
+
+        async def read_all() -> None:
+            async for msg in request_iterator:
+                await window.acquire()
+                task = asyncio.create_task(one(msg))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*list(tasks))
+            await results.put(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (item := await results.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+
+@dataclass(slots=True)
+class TlsFiles:
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None
+
+
+class HealthReporter:
+    """Keeps grpc.health.v1 statuses in step with the data plane: the overall
+    service ("" and the inference service) and one entry per model name."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
+        self.servicer = health.aio.HealthServicer()
+        self._known: set[str] = set()
+
+    async def refresh(self) -> None:
+        SERVING = health_pb2.HealthCheckResponse.SERVING
+        NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+        overall = SERVING if self._plane.ready() else NOT_SERVING
+        await self.servicer.set("", overall)
+        await self.servicer.set(SERVICE_NAME, overall)
+        names = set(self._plane.models.states())
+        for name in names | self._known:
+            ok = name in names and self._plane.model_ready(name)
+            await self.servicer.set(name, SERVING if ok else NOT_SERVING)
+        self._known = names
+
+
+def build_server(
+    plane: DataPlane,
+    health_reporter: HealthReporter,
+    addresses: list[str],
+    max_message_bytes: int,
+    tls: TlsFiles | None,
+    max_concurrent_streams: int = 0,
+) -> tuple[grpc.aio.Server, list[str]]:
+    """Create the server and bind it; returns it with the addresses actually bound."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second agent on the same port must fail, not share
+    ]
+    if max_concurrent_streams:
+        options.append(("grpc.max_concurrent_streams", max_concurrent_streams))
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_reporter.servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    credentials = None
+    if tls is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key, tls.cert)],
+            root_certificates=tls.client_ca,
+            require_client_auth=tls.client_ca is not None,
+        )
+    bound = []
+    for address in addresses:
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None and not address.startswith("unix:")
+            else server.add_insecure_port(address)
+        )
+        if port == 0 and not address.startswith("unix:"):
+            raise OSError(f"cannot listen on {address}")
+        bound.append(address if address.startswith("unix:") else _with_port(address, port))
+    return server, bound
+
+
+def _with_port(address: str, port: int) -> str:
+    host = address.rpartition(":")[0]
+    return f"{host}:{port}"
+
+
+Refresher = Callable[[], None]

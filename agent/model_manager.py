@@ -1,0 +1,283 @@
+"""Which model versions are loaded, and loading, swapping and unloading them.
+
+Loading (disk reads, signature checks, onnxruntime session creation) runs on
+a worker thread. A new version is fully loaded before it replaces the old one;
+the old one then drains: requests already running finish on it, and only
+then are its workers released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.errors import AgentError, ModelNotFoundError, ModelNotReadyError
+from agent.model_config import ModelSpec, complete_config, model_spec, parse_config_pbtxt
+from agent.onnx_runtime import OnnxSession, SessionOptions
+from agent.repository import (
+    RepositoryModel,
+    check_model_name,
+    read_model,
+    scan_repository,
+    select_versions,
+)
+from agent.scheduler import Scheduler, make_scheduler
+from agent.stats import ModelStats
+from agent.wire import model_config_pb2 as mc
+
+log = logging.getLogger("agent.models")
+
+# (version directory, file name inside it) -> the file's verified bytes.
+ModelReader = Callable[[Path, str], bytes]
+
+READY = "READY"
+UNAVAILABLE = "UNAVAILABLE"
+LOADING = "LOADING"
+UNLOADING = "UNLOADING"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSettings:
+    session: SessionOptions
+    default_instance_count: int
+    default_max_queue_size: int
+
+
+@dataclass(slots=True)
+class ServingModel:
+    spec: ModelSpec
+    config: mc.ModelConfig
+    scheduler: Scheduler
+    stats: ModelStats
+    fingerprint: tuple[tuple[str, int, int], ...]
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass(slots=True)
+class VersionState:
+    state: str
+    reason: str = ""
+
+
+def _fingerprint(version_dir: Path, config_text: str | None) -> tuple[tuple[str, int, int], ...]:
+    # Cheap change detection for reloads; verification happens on every load anyway.
+    entries = [("config.pbtxt", hash(config_text), 0)]
+    for root, _dirs, files in os.walk(version_dir):
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            entries.append((os.path.relpath(os.path.join(root, name), version_dir),
+                            st.st_size, st.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
+@dataclass(slots=True)
+class _Loaded:
+    spec: ModelSpec
+    config: mc.ModelConfig
+    session: OnnxSession
+    fingerprint: tuple[tuple[str, int, int], ...]
+
+
+def _load_blocking(
+    model: RepositoryModel, version: int, reader: ModelReader, settings: LoadSettings
+) -> _Loaded:
+    version_dir = model.path / str(version)
+    declared = (
+        parse_config_pbtxt(model.config_text, f"{model.path / 'config.pbtxt'}")
+        if model.config_text is not None
+        else mc.ModelConfig()
+    )
+    filename = declared.default_model_filename or "model.onnx"
+    fingerprint = _fingerprint(version_dir, model.config_text)
+    model_bytes = reader(version_dir, filename)
+    session = OnnxSession(model_bytes, settings.session)
+    config = complete_config(
+        declared, model.name, session.inputs, session.outputs, settings.default_instance_count
+    )
+    spec = model_spec(config, str(version), settings.default_max_queue_size)
+    return _Loaded(spec, config, session, fingerprint)
+
+
+class ModelManager:
+    def __init__(
+        self,
+        root: Path,
+        reader: ModelReader,
+        settings: LoadSettings,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.root = root
+        self._reader = reader
+        self._settings = settings
+        self._on_change = on_change
+        self._serving: dict[str, dict[str, ServingModel]] = {}
+        self._latest: dict[str, ServingModel] = {}
+        self._states: dict[str, dict[str, VersionState]] = {}
+        self._lock = asyncio.Lock()
+        self._draining: set[asyncio.Task[bool]] = set()
+
+    # -- lookups (loop thread, cheap) ------------------------------------
+
+    def resolve(self, name: str, version: str = "") -> ServingModel:
+        if version:
+            found = self._serving.get(name, {}).get(version)
+        else:
+            found = self._latest.get(name)
+        if found is not None:
+            return found
+        states = self._states.get(name)
+        if states is None:
+            raise ModelNotFoundError(f"unknown model '{name}'")
+        if version and version not in states:
+            raise ModelNotFoundError(f"unknown version '{version}' of model '{name}'")
+        reasons = [f"version {v}: {s.state}{' (' + s.reason + ')' if s.reason else ''}"
+                   for v, s in sorted(states.items()) if not version or v == version]
+        raise ModelNotReadyError(f"model '{name}' is not ready: {'; '.join(reasons)}")
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.resolve(name, version)
+        except AgentError:
+            return False
+        return True
+
+    def versions(self, name: str) -> list[str]:
+        return sorted(self._serving.get(name, {}), key=int)
+
+    def states(self) -> dict[str, dict[str, VersionState]]:
+        return self._states
+
+    def serving(self) -> list[ServingModel]:
+        return [m for versions in self._serving.values() for m in versions.values()]
+
+    def serving_versions(self, name: str) -> dict[str, ServingModel]:
+        return self._serving.get(name, {})
+
+    # -- changes (serialised by one lock) ----------------------------------
+
+    async def sync_repository(self, only: list[str] | None = None) -> None:
+        """Bring what is served in line with the repository (start-up and reload)."""
+        async with self._lock:
+            found = await asyncio.to_thread(scan_repository, self.root)
+            names = list(found) if only is None else [n for n in only if n in found]
+            for name in names:
+                await self._sync_model(found[name])
+            if only is None:
+                for gone in [n for n in self._states if n not in found]:
+                    await self._unload(gone, "removed from the repository")
+            self._on_change()
+
+    async def load_model(self, name: str) -> None:
+        check_model_name(name)
+        async with self._lock:
+            model = await asyncio.to_thread(read_model, self.root, name)
+            await self._sync_model(model)
+            self._on_change()
+        self.resolve(name)  # raises with the reason if nothing came up
+
+    async def unload_model(self, name: str) -> None:
+        async with self._lock:
+            if name not in self._states:
+                raise ModelNotFoundError(f"unknown model '{name}'")
+            await self._unload(name, "unloaded by request")
+            self._on_change()
+
+    async def _sync_model(self, model: RepositoryModel) -> None:
+        states = self._states.setdefault(model.name, {})
+        serving = self._serving.setdefault(model.name, {})
+        try:
+            policy = (
+                parse_config_pbtxt(model.config_text, str(model.path / "config.pbtxt"))
+                if model.config_text is not None
+                else mc.ModelConfig()
+            ).version_policy
+        except AgentError as exc:
+            log.error("model config rejected", extra={"model": model.name, "reason": str(exc)})
+            for v in model.versions or (0,):
+                states[str(v)] = VersionState(UNAVAILABLE, str(exc))
+            return
+        wanted = [str(v) for v in select_versions(policy, model.versions)]
+        if not wanted:
+            states.clear()
+            states["0"] = VersionState(UNAVAILABLE, "no version directories match the policy")
+        for version in wanted:
+            current = serving.get(version)
+            version_dir = model.path / version
+            if current is not None:
+                fp = await asyncio.to_thread(_fingerprint, version_dir, model.config_text)
+                if fp == current.fingerprint:
+                    continue
+            states[version] = VersionState(LOADING)
+            try:
+                loaded = await asyncio.to_thread(
+                    _load_blocking, model, int(version), self._reader, self._settings
+                )
+            except AgentError as exc:
+                log.error(
+                    "model version not loaded",
+                    extra={"model": model.name, "version": version, "reason": str(exc)},
+                )
+                states[version] = VersionState(UNAVAILABLE, str(exc))
+                if current is not None:
+                    # The files changed under a serving version and the new ones fail:
+                    # stop serving them rather than keep unverifiable content alive.
+                    self._retire(serving.pop(version))
+                continue
+            stats = ModelStats()
+            serving[version] = ServingModel(
+                loaded.spec,
+                loaded.config,
+                make_scheduler(loaded.spec, loaded.session, stats),
+                stats,
+                loaded.fingerprint,
+            )
+            states[version] = VersionState(READY)
+            log.info("model version ready", extra={"model": model.name, "version": version})
+            if current is not None:
+                self._retire(current)
+        for version in [v for v in serving if v not in wanted]:
+            self._retire(serving.pop(version))
+            states.pop(version, None)
+        for version in [v for v in states if v not in wanted and v != "0"]:
+            states.pop(version, None)
+        if wanted:
+            states.pop("0", None)
+        self._refresh_latest(model.name)
+
+    async def _unload(self, name: str, reason: str) -> None:
+        for model in self._serving.pop(name, {}).values():
+            self._retire(model)
+        self._states[name] = {
+            v: VersionState(UNAVAILABLE, reason) for v in self._states.get(name, {})
+        }
+        self._refresh_latest(name)
+
+    def _refresh_latest(self, name: str) -> None:
+        serving = self._serving.get(name)
+        if serving:
+            self._latest[name] = serving[max(serving, key=int)]
+        else:
+            self._latest.pop(name, None)
+
+    def _retire(self, model: ServingModel) -> None:
+        task = asyncio.get_running_loop().create_task(model.scheduler.drain(timeout=None))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+        log.info(
+            "model version retired",
+            extra={"model": model.spec.name, "version": model.spec.version},
+        )
+
+    async def close(self, timeout: float) -> None:
+        """Drain every version (used on shutdown)."""
+        for name in list(self._serving):
+            for model in self._serving.pop(name).values():
+                await model.scheduler.drain(timeout)
+        self._latest.clear()
+        if self._draining:
+            await asyncio.wait(self._draining, timeout=timeout)

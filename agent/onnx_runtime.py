@@ -1,0 +1,109 @@
+"""The one module that imports onnxruntime.
+
+It turns verified model bytes into a session and reports the graph's inputs and
+outputs in protocol terms. Sessions are created from bytes, never from a path,
+so what runs is exactly what was verified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.errors import ModelConfigError
+
+# onnxruntime's type strings -> protocol datatype names.
+_ORT_TO_WIRE = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class GraphTensor:
+    """One graph input or output: name, protocol datatype, shape (-1 = dynamic)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    graph_optimization: str = "all"
+    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def runtime_version() -> str:
+    return str(ort.__version__)
+
+
+def _dims(shape: Sequence[Any]) -> tuple[int, ...]:
+    # Symbolic or unknown dimensions are dynamic.
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+def _graph_tensor(node: Any) -> GraphTensor:
+    datatype = _ORT_TO_WIRE.get(node.type)
+    if datatype is None:
+        raise ModelConfigError(f"tensor '{node.name}' has unsupported type {node.type}")
+    return GraphTensor(node.name, datatype, _dims(node.shape))
+
+
+class OnnxSession:
+    """An onnxruntime session; ``run`` is thread-safe and blocks (call it off the loop)."""
+
+    def __init__(self, model_bytes: bytes, options: SessionOptions) -> None:
+        missing = [p for p in options.execution_providers if p not in available_providers()]
+        if missing:
+            raise ModelConfigError(
+                f"execution provider(s) {', '.join(missing)} not available in this onnxruntime "
+                f"(available: {', '.join(available_providers())})"
+            )
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = options.inter_op_threads
+        so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization]
+        so.log_severity_level = 3  # errors only: warnings would flood journald
+        try:
+            self._session = ort.InferenceSession(
+                model_bytes, sess_options=so, providers=list(options.execution_providers)
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise ModelConfigError(f"onnxruntime cannot load the model: {exc}") from exc
+        self.inputs = tuple(_graph_tensor(n) for n in self._session.get_inputs())
+        self.outputs = tuple(_graph_tensor(n) for n in self._session.get_outputs())
+        self._run = self._session.run
+
+    def run(
+        self, output_names: Sequence[str], feeds: dict[str, np.ndarray[Any, Any]]
+    ) -> list[np.ndarray[Any, Any]]:
+        return self._run(output_names, feeds)  # type: ignore[no-any-return]

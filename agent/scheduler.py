@@ -1,0 +1,295 @@
+"""Runs validated requests on a model's onnxruntime session, off the event loop.
+
+Two schedulers share one worker function:
+- ``DirectScheduler`` hands each request to the model's thread pool (one thread
+  per configured instance) and bounds how many may wait;
+- ``DynamicBatcher`` follows Triton's dynamic batching: requests queue on the
+  loop thread, an idle instance takes as many as fit in ``max_batch_size``
+  once a preferred batch size is reached or the oldest has waited
+  ``max_queue_delay_microseconds``, and the worker concatenates, runs once and
+  splits the outputs back per request.
+
+Requests whose client deadline has passed are never run. onnxruntime, array
+concatenation and output serialisation all happen on worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent.datatypes import BYTES, encode_bytes_tensor
+from agent.errors import (
+    AgentError,
+    DeadlineExceededError,
+    InferenceFailedError,
+    QueueFullError,
+)
+from agent.inference import Array, DecodedRequest, OutputTensor
+from agent.model_config import ModelSpec
+from agent.onnx_runtime import OnnxSession
+from agent.stats import ExecutionTimings, ModelStats
+
+_monotonic = time.monotonic
+_perf_ns = time.perf_counter_ns
+
+
+@dataclass(slots=True)
+class Completed:
+    outputs: list[OutputTensor]
+    queue_ns: int
+    timings: ExecutionTimings
+
+
+def _serialise(name: str, datatype: str, array: Array) -> OutputTensor:
+    if datatype == BYTES:
+        raw = encode_bytes_tensor(array)
+    else:
+        raw = np.ascontiguousarray(array).tobytes()
+    return OutputTensor(name, datatype, tuple(int(d) for d in array.shape), raw)
+
+
+def run_batch(
+    session: OnnxSession, items: Sequence[DecodedRequest], enqueued_ns: Sequence[int]
+) -> list[Completed]:
+    """Worker-thread body: one onnxruntime run for ``items``, outputs split per item."""
+    start = _perf_ns()
+    if len(items) == 1:
+        feeds = items[0].feeds
+        names = items[0].output_names
+    else:
+        feeds = {
+            name: np.concatenate([it.feeds[name] for it in items]) for name in items[0].feeds
+        }
+        names = list(dict.fromkeys(n for it in items for n in it.output_names))
+    infer_start = _perf_ns()
+    try:
+        results = session.run(names, feeds)
+    except Exception as exc:  # onnxruntime's errors are untyped
+        raise InferenceFailedError(f"onnxruntime failed: {exc}") from exc
+    infer_end = _perf_ns()
+    by_name = dict(zip(names, results, strict=True))
+    completed: list[Completed] = []
+    offset = 0
+    for item, enq in zip(items, enqueued_ns, strict=True):
+        outputs = []
+        for name, datatype in zip(item.output_names, item.output_datatypes, strict=True):
+            array = by_name[name]
+            if len(items) > 1:
+                array = array[offset : offset + item.batch_size]
+            outputs.append(_serialise(name, datatype, array))
+        offset += item.batch_size
+        completed.append(Completed(outputs, start - enq, None))  # type: ignore[arg-type]
+    end = _perf_ns()
+    batch = sum(it.batch_size for it in items)
+    timings = ExecutionTimings(batch, infer_start - start, infer_end - infer_start, end - infer_end)
+    for c in completed:
+        c.timings = timings
+    return completed
+
+
+class Scheduler:
+    """Common bookkeeping: the worker pool, in-flight count, drain."""
+
+    def __init__(self, spec: ModelSpec, session: OnnxSession, stats: ModelStats) -> None:
+        self.spec = spec
+        self.session = session
+        self.stats = stats
+        self.executor = ThreadPoolExecutor(
+            max_workers=spec.instance_count, thread_name_prefix=f"infer-{spec.name}"
+        )
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def submit(self, decoded: DecodedRequest, deadline: float | None) -> Completed:
+        raise NotImplementedError
+
+    def _begin(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait for requests in flight to finish; then release the workers."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            drained = True
+        except TimeoutError:
+            drained = False
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        return drained
+
+
+class DirectScheduler(Scheduler):
+    """One request per onnxruntime run, up to ``instance_count`` at a time."""
+
+    def __init__(self, spec: ModelSpec, session: OnnxSession, stats: ModelStats) -> None:
+        super().__init__(spec, session, stats)
+        self._limit = spec.instance_count + spec.max_queue_size
+
+    def _run_one(
+        self, decoded: DecodedRequest, deadline: float | None, enqueued_ns: int
+    ) -> Completed:
+        if deadline is not None and _monotonic() >= deadline:
+            raise DeadlineExceededError("the request's deadline passed while it waited to run")
+        return run_batch(self.session, (decoded,), (enqueued_ns,))[0]
+
+    async def submit(self, decoded: DecodedRequest, deadline: float | None) -> Completed:
+        if self.in_flight >= self._limit:
+            raise QueueFullError(
+                f"model '{self.spec.name}' has {self.in_flight} requests queued or running "
+                f"(limit {self._limit})"
+            )
+        self._begin()
+        try:
+            loop = asyncio.get_running_loop()
+            done: Completed = await loop.run_in_executor(
+                self.executor, self._run_one, decoded, deadline, _perf_ns()
+            )
+        finally:
+            self._end()
+        self.stats.record_execution(done.timings)
+        return done
+
+
+@dataclass(slots=True)
+class _Pending:
+    decoded: DecodedRequest
+    deadline: float | None
+    enqueued_ns: int
+    future: asyncio.Future[Completed]
+    signature: tuple[Any, ...]
+
+
+def _batch_signature(decoded: DecodedRequest) -> tuple[Any, ...]:
+    # Requests can share a run only if every non-batch dimension agrees.
+    return tuple((name, a.shape[1:]) for name, a in decoded.feeds.items())
+
+
+class DynamicBatcher(Scheduler):
+    def __init__(self, spec: ModelSpec, session: OnnxSession, stats: ModelStats) -> None:
+        super().__init__(spec, session, stats)
+        assert spec.batching is not None
+        self._queue: deque[_Pending] = deque()
+        self._queued_batch = 0
+        self._free = spec.instance_count
+        preferred = spec.batching.preferred_batch_sizes
+        self._target = max(preferred) if preferred else spec.max_batch_size
+        self._delay_s = spec.batching.max_queue_delay_us / 1e6
+        self._timer: asyncio.TimerHandle | None = None
+        self._default_timeout_s = spec.default_timeout_us / 1e6
+
+    async def submit(self, decoded: DecodedRequest, deadline: float | None) -> Completed:
+        if len(self._queue) >= self.spec.max_queue_size:
+            raise QueueFullError(
+                f"model '{self.spec.name}' queue is full ({self.spec.max_queue_size} requests)"
+            )
+        if self._default_timeout_s:
+            own = _monotonic() + self._default_timeout_s
+            deadline = own if deadline is None else min(deadline, own)
+        loop = asyncio.get_running_loop()
+        pending = _Pending(
+            decoded, deadline, _perf_ns(), loop.create_future(), _batch_signature(decoded)
+        )
+        self._queue.append(pending)
+        self._queued_batch += decoded.batch_size
+        self._begin()
+        try:
+            self._dispatch()
+            done = await pending.future
+        finally:
+            self._end()
+        return done
+
+    def _dispatch(self) -> None:
+        while self._free > 0 and self._queue:
+            oldest = self._queue[0]
+            waited_s = (_perf_ns() - oldest.enqueued_ns) / 1e9
+            if self._queued_batch < self._target and waited_s < self._delay_s:
+                if self._timer is None:
+                    loop = asyncio.get_running_loop()
+                    self._timer = loop.call_later(self._delay_s - waited_s, self._on_timer)
+                return
+            self._start_batch()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _start_batch(self) -> None:
+        now = _monotonic()
+        items: list[_Pending] = []
+        total = 0
+        signature = None
+        skipped: list[_Pending] = []
+        while self._queue:
+            p = self._queue[0]
+            if p.future.done():  # cancelled by the client
+                self._queue.popleft()
+                self._queued_batch -= p.decoded.batch_size
+                continue
+            if p.deadline is not None and now >= p.deadline:
+                self._queue.popleft()
+                self._queued_batch -= p.decoded.batch_size
+                p.future.set_exception(
+                    DeadlineExceededError("the request's deadline passed while it was queued")
+                )
+                continue
+            if signature is None:
+                signature = p.signature
+            if p.signature != signature:
+                skipped.append(self._queue.popleft())  # runs in a later batch
+                continue
+            if total + p.decoded.batch_size > self.spec.max_batch_size:
+                break
+            self._queue.popleft()
+            self._queued_batch -= p.decoded.batch_size
+            total += p.decoded.batch_size
+            items.append(p)
+        self._queue.extendleft(reversed(skipped))
+        if not items:
+            return
+        self._free -= 1
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(
+            self.executor,
+            run_batch,
+            self.session,
+            [p.decoded for p in items],
+            [p.enqueued_ns for p in items],
+        )
+        work.add_done_callback(lambda fut: self._finish(items, fut))
+
+    def _finish(self, items: list[_Pending], work: asyncio.Future[list[Completed]]) -> None:
+        self._free += 1
+        exc = work.exception() if not work.cancelled() else AgentError("worker cancelled")
+        if exc is not None:
+            for p in items:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+        else:
+            results = work.result()
+            self.stats.record_execution(results[0].timings)
+            for p, result in zip(items, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(result)
+        if self._queue:
+            self._dispatch()
+
+
+def make_scheduler(spec: ModelSpec, session: OnnxSession, stats: ModelStats) -> Scheduler:
+    if spec.batching is not None and spec.max_batch_size > 1:
+        return DynamicBatcher(spec, session, stats)
+    return DirectScheduler(spec, session, stats)
