@@ -1,0 +1,303 @@
+"""The one module that imports paho-mqtt: an asyncio facade over its client.
+
+paho runs its network loop on its own thread; every callback from that thread
+is handed to the asyncio loop with ``call_soon_threadsafe``, so the rest of
+the agent (and the controller) only sees coroutines and a message queue.
+MQTT v5 only; persistent sessions (clean_start false + session expiry) so QoS 1
+messages wait at the broker while a device is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+log = logging.getLogger("agent.mqtt")
+
+
+class MqttError(Exception):
+    """A publish or subscribe the broker refused, or no connection in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = ""
+    tls_ca: str = ""  # CA bundle that signed the broker's certificate; "" = plain TCP
+    tls_cert: str = ""  # client certificate (mutual TLS: the device identity)
+    tls_key: str = ""
+    tls_server_name: str = ""  # override the name checked in the broker certificate
+    username: str = ""
+    password: str = ""
+    keepalive_s: int = 30
+    session_expiry_s: int = 7 * 24 * 3600
+    clean_start: bool = False
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    max_inflight: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    retain: bool = True
+    qos: int = 1
+
+
+@dataclass(slots=True)
+class Message:
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user_properties: dict[str, str] = field(default_factory=dict)
+
+
+ConnectHook = Callable[[], Coroutine[Any, Any, None]]
+
+
+class MqttClient:
+    def __init__(self, settings: MqttSettings, will: Will | None = None) -> None:
+        self.settings = settings
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=paho.MQTTv5,
+        )
+        self._client.max_inflight_messages_set(settings.max_inflight)
+        self._client.max_queued_messages_set(0)  # unbounded: the outbox bounds what we queue
+        self._jitter_reconnect()
+        if settings.username:
+            self._client.username_pw_set(settings.username, settings.password or None)
+        if settings.tls_ca:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.tls_ca)
+            if settings.tls_cert:
+                context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+            self._client.tls_set_context(context)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
+        self._lock = threading.Lock()
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._early: dict[int, Exception | None] = {}  # acks that beat their registration
+        self._subscriptions: dict[str, int] = {}
+        self._connect_hooks: list[ConnectHook] = []
+        self.messages: asyncio.Queue[Message] = asyncio.Queue()
+        self.connected = asyncio.Event()
+        self.connection_count = 0
+        self._started = False
+
+    # -- life cycle -------------------------------------------------------
+
+    def on_connected(self, hook: ConnectHook) -> None:
+        """Run ``hook`` (on the loop) after every successful (re)connect."""
+        self._connect_hooks.append(hook)
+
+    async def start(self) -> None:
+        """Begin connecting in the background; reconnects forever until ``stop``."""
+        self._loop = asyncio.get_running_loop()
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        self._client.connect_async(
+            self.settings.host,
+            self.settings.port,
+            keepalive=self.settings.keepalive_s,
+            clean_start=self.settings.clean_start,
+            properties=props,
+        )
+        self._client.loop_start()
+        self._started = True
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        await asyncio.to_thread(self._client.disconnect)
+        await asyncio.to_thread(self._client.loop_stop)
+        self.connected.clear()
+
+    async def wait_connected(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout)
+        except TimeoutError:
+            raise MqttError(
+                f"no connection to {self.settings.host}:{self.settings.port} in {timeout}s"
+            ) from None
+
+    # -- operations -------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        user_properties: dict[str, str] | None = None,
+        wait_ack: bool = True,
+    ) -> None:
+        """Publish; with QoS 1 and ``wait_ack``, return once the broker's PUBACK arrived."""
+        props = None
+        if response_topic or correlation_data or user_properties:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation_data:
+                props.CorrelationData = correlation_data
+            if user_properties:
+                props.UserProperty = list(user_properties.items())
+        future = self._loop_or_fail().create_future()
+        with self._lock:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+            if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+                raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+            if qos == 0 or not wait_ack:
+                return
+            early = self._early.pop(info.mid, _MISSING)
+            if early is _MISSING:
+                self._pending[info.mid] = future
+        if early is not _MISSING:
+            if early is not None:
+                raise early
+            return
+        await future
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now and again after every reconnect; waits for the SUBACK."""
+        self._subscriptions[topic_filter] = qos
+        if self.connected.is_set():
+            await self._subscribe_now(topic_filter, qos)
+
+    async def _subscribe_now(self, topic_filter: str, qos: int) -> None:
+        future = self._loop_or_fail().create_future()
+        with self._lock:
+            rc, mid = self._client.subscribe(topic_filter, qos=qos)
+            if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+                raise MqttError(f"subscribe {topic_filter} failed: {paho.error_string(rc)}")
+            early = self._early.pop(mid, _MISSING)
+            if early is _MISSING:
+                self._pending[mid] = future
+        if early is not _MISSING:
+            if early is not None:
+                raise early
+            return
+        await future
+
+    # -- paho callbacks (paho's thread) ------------------------------------
+
+    def _loop_or_fail(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise MqttError("MqttClient.start() was not called")
+        return self._loop
+
+    def _jitter_reconnect(self) -> None:
+        # paho backs off exponentially between its min and max delay; moving the
+        # start point randomly spreads a fleet's reconnects after a broker restart.
+        base = self.settings.reconnect_min_s * random.uniform(0.5, 1.5)
+        self._client.reconnect_delay_set(
+            min_delay=max(1, round(base)), max_delay=max(1, int(self.settings.reconnect_max_s))
+        )
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # loop closing
+                loop.call_soon_threadsafe(fn, *args)
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.warning("mqtt connect refused", extra={"reason": str(reason)})
+            return
+        self._call(self._connected)
+
+    def _connected(self) -> None:
+        self.connection_count += 1
+        self.connected.set()
+        log.info("mqtt connected", extra={"broker": f"{self.settings.host}:{self.settings.port}"})
+        loop = self._loop_or_fail()
+        for topic_filter, qos in self._subscriptions.items():
+            loop.create_task(self._resubscribe(topic_filter, qos))
+        for hook in self._connect_hooks:
+            loop.create_task(hook())
+
+    async def _resubscribe(self, topic_filter: str, qos: int) -> None:
+        try:
+            await self._subscribe_now(topic_filter, qos)
+        except MqttError as exc:
+            log.error("mqtt resubscribe failed", extra={"topic": topic_filter, "reason": str(exc)})
+
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        self._jitter_reconnect()
+        self._call(self._disconnected, str(reason))
+
+    def _disconnected(self, reason: str) -> None:
+        if self.connected.is_set():
+            log.warning("mqtt disconnected", extra={"reason": reason})
+        self.connected.clear()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        props = getattr(msg, "properties", None)
+        message = Message(
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            qos=msg.qos,
+            retain=bool(msg.retain),
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation_data=getattr(props, "CorrelationData", None),
+            user_properties=dict(getattr(props, "UserProperty", None) or []),
+        )
+        self._call(self.messages.put_nowait, message)
+
+    def _ack(self, mid: int, error: Exception | None) -> None:
+        with self._lock:
+            future = self._pending.pop(mid, None)
+            if future is None:
+                self._early[mid] = error
+                return
+        self._call(_settle, future, error)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        failed = reason is not None and getattr(reason, "is_failure", False)
+        self._ack(mid, MqttError(f"broker refused publish: {reason}") if failed else None)
+
+    def _on_subscribe(
+        self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any
+    ) -> None:
+        bad = [r for r in reasons if getattr(r, "is_failure", False)]
+        self._ack(mid, MqttError(f"broker refused subscription: {bad[0]}") if bad else None)
+
+
+_MISSING: Any = object()
+
+
+def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
