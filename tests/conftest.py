@@ -6,6 +6,12 @@ from pathlib import Path
 import pytest
 
 from tests.agent_process import REPO_ROOT, AgentProcess, write_toml
+from tests.mqtt_broker import (  # noqa: F401  (pytest fixtures: a real mosquitto)
+    mosquitto_factory,
+    mqtt_broker,
+    mqtt_tls,
+    mqtt_tls_broker,
+)
 
 EXAMPLE_MODELS = REPO_ROOT / "models"
 
