@@ -1,0 +1,222 @@
+"""The ``keygen``, ``sign`` and ``verify`` subcommands of ``edge-agent``.
+
+``add_signing_commands`` adds them to the main parser's subparsers; each sets
+``func``, which takes the parsed namespace and returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Final
+
+from agent.errors import AgentError
+from agent.signing import keys, oms, version_dir
+
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1  # anything not listed below
+EXIT_USAGE: Final = 2  # argparse's own code for bad arguments
+EXIT_KEY: Final = 3
+EXIT_SIGNATURE_MALFORMED: Final = 4
+EXIT_UNTRUSTED_KEY: Final = 5
+EXIT_BAD_SIGNATURE: Final = 6
+EXIT_FILE_SET: Final = 7
+EXIT_DIGEST: Final = 8
+EXIT_UNSAFE_ENTRY: Final = 9
+EXIT_UNREADABLE: Final = 10
+
+# First match wins; the order matters where classes are related.
+EXIT_CODES: Final[tuple[tuple[type[AgentError] | tuple[type[AgentError], ...], int], ...]] = (
+    (
+        (
+            keys.TrustStoreError,
+            keys.KeyWriteError,
+            oms.KeyFormatError,
+            oms.UnsupportedKeyError,
+        ),
+        EXIT_KEY,
+    ),
+    (
+        (
+            oms.SignatureMissingError,
+            oms.BundleMalformedError,
+            oms.BundleMediaTypeError,
+            oms.PayloadTypeError,
+            oms.StatementTypeError,
+            oms.PredicateTypeError,
+            oms.SerializationUnsupportedError,
+            oms.HashAlgorithmError,
+            oms.DuplicateResourceError,
+            oms.UnsafePathError,
+            oms.ManifestInconsistentError,
+        ),
+        EXIT_SIGNATURE_MALFORMED,
+    ),
+    (oms.UntrustedKeyError, EXIT_UNTRUSTED_KEY),
+    (oms.BadSignatureError, EXIT_BAD_SIGNATURE),
+    (
+        (
+            oms.FileMissingError,
+            oms.FileUnexpectedError,
+            oms.FileRenamedError,
+            version_dir.FileNotSignedError,
+        ),
+        EXIT_FILE_SET,
+    ),
+    (oms.FileDigestMismatchError, EXIT_DIGEST),
+    (
+        (version_dir.SymlinkRefusedError, version_dir.SpecialFileError),
+        EXIT_UNSAFE_ENTRY,
+    ),
+    (version_dir.FileReadError, EXIT_UNREADABLE),
+)
+
+EXIT_CODE_HELP: Final = """\
+exit codes:
+  0   verified (or: key pair written, directory signed)
+  1   any other error
+  2   bad command-line arguments
+  3   key or trust store unusable: unreadable or malformed PEM, wrong passphrase,
+      not an ECDSA P-256 key (key_invalid, key_unsupported, trust_store_invalid,
+      key_write_failed)
+  4   model.sig missing or malformed: not JSON / truncated, wrong bundle media
+      type, DSSE payload type, statement or predicate type, serialization method,
+      hash algorithm, duplicate or unsafe file names, inconsistent statement
+      (signature_missing, signature_malformed, signature_media_type,
+      signature_payload_type, signature_statement_type, signature_predicate_type,
+      signature_serialization_unsupported, signature_hash_algorithm,
+      signature_duplicate_resource, signature_unsafe_path,
+      signature_manifest_inconsistent)
+  5   signed by a key that is not trusted (signature_untrusted_key)
+  6   signature does not verify (signature_invalid)
+  7   files missing, added or renamed, or a file to load not signed (file_missing,
+      file_unexpected, file_renamed, file_not_signed)
+  8   a file's content differs from the signed digest (file_digest_mismatch)
+  9   symlink or special file in the directory (file_symlink,
+      file_symlink_escapes, file_special)
+  10  a file or directory could not be read (file_unreadable)
+"""
+
+
+def exit_code_for(error: AgentError) -> int:
+    """The documented exit code for ``error``."""
+    for classes, code in EXIT_CODES:
+        if isinstance(error, classes):
+            return code
+    return EXIT_ERROR
+
+
+def _fail(error: AgentError) -> int:
+    print(f"FAILED {error.code}: {error}", file=sys.stderr)
+    return exit_code_for(error)
+
+
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    path: Path | None = args.passphrase_file
+    return keys.read_passphrase_file(path) if path is not None else None
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    try:
+        pair = keys.write_key_pair(args.out_dir, args.name, _passphrase(args))
+    except AgentError as error:
+        return _fail(error)
+    print(f"private key {pair.private_key} (mode 0600)")
+    print(f"public key  {pair.public_key}")
+    print(f"key id      {pair.key_id}")
+    return EXIT_OK
+
+
+def run_sign(args: argparse.Namespace) -> int:
+    try:
+        private_key = keys.load_private_key(args.private_key, _passphrase(args))
+        path = version_dir.sign_version(args.version_dir, private_key)
+        signed = oms.verify_bundle(path.read_bytes(), [private_key.public_key()])
+    except AgentError as error:
+        return _fail(error)
+    except OSError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"signed {len(signed.files)} files into {path}, key {signed.key_id}")
+    return EXIT_OK
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    try:
+        if args.public_key is not None:
+            trust = keys.TrustStore.from_public_key_files([args.public_key])
+        else:
+            trust = keys.TrustStore.from_directory(args.trust_dir)
+        verified = version_dir.verify_version(args.version_dir, trust)
+    except AgentError as error:
+        return _fail(error)
+    print(f"OK {len(verified.manifest)} files, key {verified.key_id}")
+    return EXIT_OK
+
+
+def add_signing_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """Add ``keygen``, ``sign`` and ``verify`` to the main parser's subcommands."""
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    keygen = subparsers.add_parser(
+        "keygen",
+        help="make an ECDSA P-256 model-signing key pair",
+        description=(
+            "Write NAME.key.pem (PKCS#8, mode 0600, encrypted if a passphrase is given) "
+            "and NAME.pub.pem into DIR. Existing files are never overwritten. Put the "
+            "public key in the agent's trust directory to trust models it signs."
+        ),
+        epilog=EXIT_CODE_HELP,
+        formatter_class=formatter,
+    )
+    keygen.add_argument("--out-dir", type=Path, required=True, metavar="DIR")
+    keygen.add_argument("--name", default="model-signing", help="file name stem")
+    keygen.add_argument(
+        "--passphrase-file",
+        type=Path,
+        metavar="F",
+        help="encrypt the private key with the passphrase in F (one trailing newline dropped)",
+    )
+    keygen.set_defaults(func=run_keygen)
+
+    sign = subparsers.add_parser(
+        "sign",
+        help="sign a model version directory (writes VERSION_DIR/model.sig)",
+        description=(
+            "Sign every file in VERSION_DIR in the OpenSSF model signing format "
+            "(sigstore bundle, DSSE, in-toto statement, one SHA-256 per file) and write "
+            "VERSION_DIR/model.sig atomically. Like the reference model_signing tool, "
+            "model.sig and top-level git metadata (.git, .gitattributes, .github, "
+            ".gitignore) are not signed. Symlinks and special files are refused."
+        ),
+        epilog=EXIT_CODE_HELP,
+        formatter_class=formatter,
+    )
+    sign.add_argument("version_dir", type=Path, metavar="VERSION_DIR")
+    sign.add_argument("--private-key", type=Path, required=True, metavar="K")
+    sign.add_argument(
+        "--passphrase-file", type=Path, metavar="F", help="passphrase of an encrypted key"
+    )
+    sign.set_defaults(func=run_sign)
+
+    verify = subparsers.add_parser(
+        "verify",
+        help="verify a model version directory against a key or the trust store",
+        description=(
+            "Verify VERSION_DIR/model.sig against a trusted key, then check that the "
+            "directory holds exactly the signed files with the signed SHA-256 digests. "
+            "Prints 'OK <n> files, key <id>' or 'FAILED <code>: <reason>'."
+        ),
+        epilog=EXIT_CODE_HELP,
+        formatter_class=formatter,
+    )
+    verify.add_argument("version_dir", type=Path, metavar="VERSION_DIR")
+    trust = verify.add_mutually_exclusive_group(required=True)
+    trust.add_argument("--public-key", type=Path, metavar="P", help="trust this PEM public key")
+    trust.add_argument(
+        "--trust-dir", type=Path, metavar="D", help="trust every *.pem public key in D"
+    )
+    verify.set_defaults(func=run_verify)
