@@ -10,6 +10,7 @@ from typing import Any
 
 from agent import __version__
 from agent.errors import AgentError, ConfigError
+from agent.signing.cli import add_signing_commands
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
@@ -37,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure_logging(config.logging.level, config.logging.format)
     try:
-        asyncio.run(serve(config, args.config))
+        asyncio.run(serve(config, args.config, overrides))
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -88,12 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path)
     check.set_defaults(func=_check_config)
 
-    try:
-        from agent.signing.cli import add_signing_commands
-    except ImportError:  # signing not installed in this tree yet
-        pass
-    else:
-        add_signing_commands(sub)
+    add_signing_commands(sub)
     return parser
 
 
