@@ -41,7 +41,7 @@ def _index(address: str) -> dict[str, tuple[str, str]]:
     return {f"{m.name}:{m.version}": (m.state, m.reason) for m in index.models}
 
 
-def _infer_ok(address: str) -> np.ndarray:
+def _infer_ok(address: str) -> object:
     import tritonclient.grpc as grpcclient
 
     with grpcclient.InferenceServerClient(address) as client:
