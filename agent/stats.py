@@ -7,7 +7,19 @@ so plain integers suffice and no lock sits on the hot path.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
+
+# Upper bounds (ns) of the request-latency histogram: 1, 1.5, 2, 3, 5, 7 per decade
+# from 10 us to 70 s, then one bucket for anything slower. Percentiles and the
+# Prometheus histogram are read from these counts (agent.telemetry.health).
+LATENCY_BOUNDS_NS: tuple[int, ...] = tuple(
+    int(m * 10**e) for e in range(4, 11) for m in (1, 1.5, 2, 3, 5, 7)
+)
+
+
+def _latency_buckets() -> list[int]:
+    return [0] * (len(LATENCY_BOUNDS_NS) + 1)
 
 
 @dataclass(slots=True)
@@ -49,6 +61,8 @@ class ModelStats:
     execution_count: int = 0  # onnxruntime runs
     last_inference_ms: int = 0
     batches: dict[int, BatchStats] = field(default_factory=dict)
+    # Successful requests by latency: latency[i] counts those <= LATENCY_BOUNDS_NS[i].
+    latency: list[int] = field(default_factory=_latency_buckets)
 
     def record_execution(self, t: ExecutionTimings) -> None:
         self.execution_count += 1
@@ -63,6 +77,7 @@ class ModelStats:
         self, request_ns: int, queue_ns: int, batch_size: int, t: ExecutionTimings
     ) -> None:
         self.success.add(request_ns)
+        self.latency[bisect_left(LATENCY_BOUNDS_NS, request_ns)] += 1
         self.queue.add(queue_ns)
         self.compute_input.add(t.input_ns)
         self.compute_infer.add(t.infer_ns)
