@@ -1,0 +1,300 @@
+"""The ``edge-controller`` command line: keygen, publish, deploy, serve, status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from agent import __version__
+from agent.errors import AgentError, ConfigError
+
+if TYPE_CHECKING:
+    from agent.controller.config import ControllerConfig
+    from agent.controller.deploy import IssuedDeployment
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_CONFIG: Final = 2
+EXIT_NOT_FOUND: Final = 3
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Config keys set by flags (``None`` flags are left to the file and the defaults)."""
+    table = {
+        "host": ("broker", "host"),
+        "port": ("broker", "port"),
+        "client_id": ("broker", "client_id"),
+        "tls_ca": ("broker", "tls_ca"),
+        "tls_cert": ("broker", "tls_cert"),
+        "tls_key": ("broker", "tls_key"),
+        "prefix": ("fleet", "prefix"),
+        "share_group": ("fleet", "share_group"),
+        "max_chunk_bytes": ("fleet", "max_chunk_bytes"),
+        "store": ("store", "dir"),
+        "status_file": ("store", "status_file"),
+        "key": ("deploy", "key"),
+        "passphrase_file": ("deploy", "passphrase_file"),
+        "trust_dir": ("signing", "trust_dir"),
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for attr, (section, key) in table.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            out.setdefault(section, {})[key] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def _config(args: argparse.Namespace) -> ControllerConfig:
+    from agent.controller.config import read_controller_config
+
+    return read_controller_config(args.config, _overrides(args))
+
+
+def _fail(exc: Exception) -> int:
+    code = getattr(exc, "code", "")
+    print(f"edge-controller: FAILED{' ' + code if code else ''}: {exc}", file=sys.stderr)
+    return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    from agent.signing import keys
+
+    try:
+        passphrase = (
+            keys.read_passphrase_file(args.passphrase_file) if args.passphrase_file else None
+        )
+        pair = keys.write_key_pair(args.out_dir, args.name, passphrase)
+    except AgentError as exc:
+        return _fail(exc)
+    print(f"private key {pair.private_key} (mode 0600): keep it on the controller")
+    print(f"public key  {pair.public_key}: install it in each agent's deployment trust directory")
+    print(f"key id      {pair.key_id}")
+    return EXIT_OK
+
+
+def run_publish(args: argparse.Namespace) -> int:
+    from agent.controller.store import ArtifactStore
+    from agent.signing.keys import TrustStore
+
+    try:
+        config = _config(args)
+        trust = TrustStore.from_directory(config.trust_dir)
+        manifest = ArtifactStore(config.store_dir).publish(
+            args.version_dir, args.model, args.version, trust, args.config_pbtxt
+        )
+    except AgentError as exc:
+        return _fail(exc)
+    print(
+        f"published {manifest.name} version {manifest.version}: {len(manifest.files)} files"
+        f"{' + config.pbtxt' if manifest.config else ''}, {manifest.total_bytes} bytes, "
+        f"signed by {manifest.signed_by}"
+    )
+    return EXIT_OK
+
+
+async def _publish_deployment(
+    config: ControllerConfig, issued: IssuedDeployment, timeout: float
+) -> None:
+    from agent.controller.deploy import publish_deployment
+    from agent.mqtt_client import MqttClient
+
+    client = MqttClient(config.broker)
+    await client.start()
+    try:
+        await client.wait_connected(timeout)
+        await asyncio.wait_for(publish_deployment(client, config.prefix, issued), timeout)
+    finally:
+        await client.stop()
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    from agent.controller.deploy import issue_deployment
+    from agent.controller.store import ArtifactNotFoundError, ArtifactStore
+    from agent.mqtt_client import MqttError
+    from agent.signing import keys
+
+    try:
+        config = _config(args)
+        if config.deploy_key is None:
+            raise ConfigError("no deployment key: pass --key or set 'deploy.key'")
+        passphrase = (
+            keys.read_passphrase_file(config.passphrase_file) if config.passphrase_file else None
+        )
+        key = keys.load_private_key(config.deploy_key, passphrase)
+        issued = issue_deployment(
+            ArtifactStore(config.store_dir),
+            args.model,
+            args.version,
+            args.device,
+            key,
+            expires_in_s=args.expires_in if args.expires_in is not None else config.expires_in_s,
+            allow_downgrade=args.allow_downgrade,
+            probation_s=args.probation if args.probation is not None else config.probation_s,
+        )
+    except ArtifactNotFoundError as exc:
+        _fail(exc)
+        return EXIT_NOT_FOUND
+    except AgentError as exc:
+        return _fail(exc)
+    try:
+        asyncio.run(_publish_deployment(config, issued, args.timeout))
+    except (MqttError, TimeoutError) as exc:
+        print(
+            f"edge-controller: FAILED: deployment {issued.deployment_id} signed but not "
+            f"published: {exc or 'timed out'}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    print(
+        f"deployed {args.model} version {args.version} to {', '.join(args.device)}: "
+        f"deployment {issued.deployment_id} sequence {issued.sequence} "
+        f"expires_at {issued.deployment['expires_at']}"
+    )
+    return EXIT_OK
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from agent.controller.service import serve
+    from agent.logs import configure_logging
+
+    try:
+        config = _config(args)
+    except AgentError as exc:
+        return _fail(exc)
+    configure_logging(args.log_level, args.log_format)
+    try:
+        asyncio.run(serve(config))
+    except AgentError as exc:
+        return _fail(exc)
+    return EXIT_OK
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from agent.controller.status import load_status, summary_line
+
+    try:
+        config = _config(args)
+        status = load_status(config.status_file)
+    except AgentError as exc:
+        return _fail(exc)
+    except (OSError, ValueError) as exc:
+        print(
+            f"edge-controller: no status yet ({exc}); `edge-controller serve` writes it",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    devices: dict[str, Any] = status.get("devices", {})
+    if args.device is not None:
+        entry = devices.get(args.device)
+        if entry is None:
+            print(f"edge-controller: no reports from device {args.device!r}", file=sys.stderr)
+            return EXIT_NOT_FOUND
+        print(json.dumps(entry, indent=2, sort_keys=True))
+        return EXIT_OK
+    if args.json:
+        print(json.dumps(devices, indent=2, sort_keys=True))
+        return EXIT_OK
+    print(f"{'DEVICE':<24} {'STATE':<8} {'ACTIVE':<32} {'JOB':<24} LAST SEEN")
+    for name in sorted(devices):
+        print(summary_line(devices[name]))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("controller configuration (flags override the file)")
+    group.add_argument(
+        "--config",
+        type=Path,
+        help="TOML file (default /etc/edge-agent/controller.toml if it exists)",
+    )
+    group.add_argument("--host", help="broker host (default 127.0.0.1)")
+    group.add_argument("--port", type=int, help="broker port (default 1883)")
+    group.add_argument("--client-id", help="MQTT client id")
+    group.add_argument("--tls-ca", type=Path, help="CA bundle of the broker certificate")
+    group.add_argument("--tls-cert", type=Path, help="controller client certificate")
+    group.add_argument("--tls-key", type=Path, help="controller client key")
+    group.add_argument("--prefix", help="topic prefix (default edge)")
+    group.add_argument("--share-group", help="shared subscription group")
+    group.add_argument("--store", type=Path, help="artifact store directory")
+    group.add_argument("--status-file", type=Path, help="status JSON (default STORE/status.json)")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-controller",
+        description="Fleet controller for edge-agent: publish signed model versions, sign and "
+        "send deployments, serve model chunks over MQTT, follow device status.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-controller {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = _common()
+
+    keygen = sub.add_parser("keygen", help="make the ECDSA P-256 deployment key pair")
+    keygen.add_argument("--out-dir", type=Path, required=True, metavar="DIR")
+    keygen.add_argument("--name", default="deployment", help="file name stem (default deployment)")
+    keygen.add_argument("--passphrase-file", type=Path, metavar="F")
+    keygen.set_defaults(func=run_keygen)
+
+    publish = sub.add_parser(
+        "publish",
+        parents=[common],
+        help="verify a signed version directory and add it to the store",
+    )
+    publish.add_argument("version_dir", type=Path, metavar="VERSION_DIR")
+    publish.add_argument("--model", required=True, help="model name")
+    publish.add_argument("--version", type=int, required=True, dest="version", help="version")
+    publish.add_argument(
+        "--config-pbtxt",
+        type=Path,
+        help="the model's config.pbtxt (default: VERSION_DIR/../config.pbtxt if present)",
+    )
+    publish.add_argument("--trust-dir", type=Path, help="model-signing trust directory")
+    publish.set_defaults(func=run_publish)
+
+    deploy = sub.add_parser(
+        "deploy", parents=[common], help="sign a deployment and publish it to devices"
+    )
+    deploy.add_argument("model", metavar="MODEL")
+    deploy.add_argument("version", type=int, metavar="VERSION")
+    deploy.add_argument("--device", action="append", required=True, metavar="ID")
+    deploy.add_argument("--allow-downgrade", action="store_true")
+    deploy.add_argument("--expires-in", type=int, metavar="S", help="validity (default 7 days)")
+    deploy.add_argument("--probation", type=int, metavar="S", help="probation window seconds")
+    deploy.add_argument("--key", type=Path, help="deployment private key (PEM)")
+    deploy.add_argument("--passphrase-file", type=Path, metavar="F")
+    deploy.add_argument("--timeout", type=float, default=10.0, help="broker timeout seconds")
+    deploy.set_defaults(func=run_deploy)
+
+    serve = sub.add_parser("serve", parents=[common], help="serve chunks and follow device status")
+    serve.add_argument("--max-chunk-bytes", type=int)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", default="json", choices=["json", "logfmt"])
+    serve.set_defaults(func=run_serve)
+
+    status = sub.add_parser("status", parents=[common], help="show what devices reported")
+    status.add_argument("device", nargs="?", metavar="DEVICE")
+    status.add_argument("--json", action="store_true", help="all devices as JSON")
+    status.set_defaults(func=run_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The controller's configuration: a TOML file and/or flags, defaults for every key.
+
+```toml
+[broker]
+host = "127.0.0.1"
+port = 1883
+client_id = ""            # default: edge-controller-<host>-<pid>
+tls_ca = ""               # CA that signed the broker certificate ("" = plain TCP)
+tls_cert = ""             # the controller's client certificate (CN = controller)
+tls_key = ""
+tls_server_name = ""
+username = ""
+password = ""
+
+[fleet]
+prefix = "edge"
+share_group = "edge-controllers"
+max_chunk_bytes = 1048576
+
+[store]
+dir = "controller-store"
+status_file = ""          # default: <store.dir>/status.json
+
+[deploy]
+key = ""                  # deployment private key (PEM)
+passphrase_file = ""
+expires_in_s = 604800
+probation_s = 60
+
+[signing]
+trust_dir = "models/keys/trusted"  # model-signing keys that publish verifies against
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from agent.controller.protocol import DEFAULT_MAX_CHUNK_BYTES, check_prefix, check_share_group
+from agent.errors import ConfigError
+from agent.mqtt_client import MqttSettings
+
+DEFAULT_CONTROLLER_CONFIG = Path("/etc/edge-agent/controller.toml")
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "broker": {
+        "host": "127.0.0.1",
+        "port": 1883,
+        "client_id": "",
+        "tls_ca": "",
+        "tls_cert": "",
+        "tls_key": "",
+        "tls_server_name": "",
+        "username": "",
+        "password": "",
+    },
+    "fleet": {
+        "prefix": "edge",
+        "share_group": "edge-controllers",
+        "max_chunk_bytes": DEFAULT_MAX_CHUNK_BYTES,
+    },
+    "store": {"dir": "controller-store", "status_file": ""},
+    "deploy": {"key": "", "passphrase_file": "", "expires_in_s": 7 * 24 * 3600, "probation_s": 60},
+    "signing": {"trust_dir": "models/keys/trusted"},
+}
+
+
+def _strings(*names: str) -> dict[str, Any]:
+    return {name: {"type": "string"} for name in names}
+
+
+_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "broker": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                **_strings(
+                    "host",
+                    "client_id",
+                    "tls_ca",
+                    "tls_cert",
+                    "tls_key",
+                    "tls_server_name",
+                    "username",
+                    "password",
+                ),
+                "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+            },
+        },
+        "fleet": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                **_strings("prefix", "share_group"),
+                "max_chunk_bytes": {"type": "integer", "minimum": 1024, "maximum": 64 * 2**20},
+            },
+        },
+        "store": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"dir": {"type": "string", "minLength": 1}, **_strings("status_file")},
+        },
+        "deploy": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                **_strings("key", "passphrase_file"),
+                "expires_in_s": {"type": "integer", "minimum": 1},
+                "probation_s": {"type": "integer", "minimum": 0},
+            },
+        },
+        "signing": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": _strings("trust_dir"),
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    broker: MqttSettings
+    prefix: str
+    share_group: str
+    max_chunk_bytes: int
+    store_dir: Path
+    status_file: Path
+    deploy_key: Path | None
+    passphrase_file: Path | None
+    expires_in_s: int
+    probation_s: int
+    trust_dir: Path
+    source: str
+
+
+def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    path = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        schema: Any = error.schema
+        instance: Any = error.instance
+        extra = sorted(set(instance) - set(schema.get("properties", {})))
+        where = f"{path}." if path else ""
+        return f"unknown key '{where}{extra[0]}'" if extra else error.message
+    return f"key '{path}': {error.message}"
+
+
+def build_controller_config(
+    file_values: Mapping[str, Any], overrides: Mapping[str, Any], source: str
+) -> ControllerConfig:
+    """Merge the file's values, then flag ``overrides``, over the defaults; validate."""
+    validator = jsonschema.Draft202012Validator(_SCHEMA)
+    for values, where in ((file_values, source), (overrides, "command line")):
+        errors = sorted(validator.iter_errors(values), key=lambda e: list(e.absolute_path))
+        if errors:
+            raise ConfigError(f"{where}: {_describe(errors[0])}")
+    merged = _merge(_merge(DEFAULTS, file_values), overrides)
+    broker = merged["broker"]
+    fleet = merged["fleet"]
+    try:
+        check_prefix(fleet["prefix"])
+        check_share_group(fleet["share_group"])
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    if bool(broker["tls_cert"]) != bool(broker["tls_key"]):
+        raise ConfigError(f"{source}: keys 'broker.tls_cert' and 'broker.tls_key' go together")
+    if broker["tls_cert"] and not broker["tls_ca"]:
+        raise ConfigError(f"{source}: key 'broker.tls_cert' needs 'broker.tls_ca'")
+    client_id = broker["client_id"] or f"edge-controller-{socket.gethostname()}-{os.getpid()}"
+    settings = MqttSettings(
+        host=broker["host"],
+        port=broker["port"],
+        client_id=client_id,
+        tls_ca=broker["tls_ca"],
+        tls_cert=broker["tls_cert"],
+        tls_key=broker["tls_key"],
+        tls_server_name=broker["tls_server_name"],
+        username=broker["username"],
+        password=broker["password"],
+        # A controller keeps no session: requests for a controller that is gone
+        # must go to the others in the share group, not wait in its queue.
+        clean_start=True,
+        session_expiry_s=0,
+        reconnect_min_s=0.5,
+        reconnect_max_s=5.0,
+    )
+    store_dir = Path(merged["store"]["dir"])
+    status_file = merged["store"]["status_file"]
+    deploy = merged["deploy"]
+    return ControllerConfig(
+        broker=settings,
+        prefix=fleet["prefix"],
+        share_group=fleet["share_group"],
+        max_chunk_bytes=fleet["max_chunk_bytes"],
+        store_dir=store_dir,
+        status_file=Path(status_file) if status_file else store_dir / "status.json",
+        deploy_key=Path(deploy["key"]) if deploy["key"] else None,
+        passphrase_file=Path(deploy["passphrase_file"]) if deploy["passphrase_file"] else None,
+        expires_in_s=deploy["expires_in_s"],
+        probation_s=deploy["probation_s"],
+        trust_dir=Path(merged["signing"]["trust_dir"]),
+        source=source,
+    )
+
+
+def read_controller_config(
+    path: Path | None, overrides: Mapping[str, Any] | None = None
+) -> ControllerConfig:
+    """Read ``path`` (or the default file if it exists, else only defaults) plus overrides."""
+    if path is None and DEFAULT_CONTROLLER_CONFIG.is_file():
+        path = DEFAULT_CONTROLLER_CONFIG
+    values: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            values = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return build_controller_config(values, overrides or {}, source)

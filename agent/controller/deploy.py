@@ -1,0 +1,172 @@
+"""Deployment documents: build, sign and publish them (docs/fleet-protocol.md).
+
+A deployment names the devices, the model version and every file's digest and
+size (from the store's manifest), a fresh deployment id, a sequence number the
+store issues strictly increasing, and its validity window. It is signed with the
+deployment key as a DSSE envelope and published retained, QoS 1, to each
+device's ``desired`` topic.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.controller.protocol import (
+    DEPLOYMENT_PAYLOAD_TYPE,
+    SCHEMA_DEPLOYMENT,
+    SCHEMA_DEPLOYMENT_ENVELOPE,
+    SCHEMA_VERSION,
+    desired_topic,
+    encode_json,
+    is_device_id,
+)
+from agent.controller.store import ArtifactStore, ModelManifest
+from agent.errors import AgentError
+from agent.mqtt_client import MqttClient
+from agent.signing.oms import pae
+
+DEFAULT_EXPIRES_IN_S: Final = 7 * 24 * 3600
+DEFAULT_PROBATION_S: Final = 60
+MAX_DEVICES: Final = 256  # keeps the signed envelope far below the 64 KiB message limit
+
+
+class DeploymentError(AgentError):
+    """A deployment cannot be built (bad device id, bad validity) or published."""
+
+    code = "deployment_invalid"
+
+
+@dataclass(frozen=True)
+class IssuedDeployment:
+    deployment: dict[str, Any]
+    envelope: dict[str, Any]
+    payload: bytes  # the envelope as published
+
+    @property
+    def deployment_id(self) -> str:
+        return str(self.deployment["deployment_id"])
+
+    @property
+    def sequence(self) -> int:
+        return int(self.deployment["sequence"])
+
+
+def build_deployment(
+    manifest: ModelManifest,
+    devices: Sequence[str],
+    *,
+    sequence: int,
+    issued_at: int,
+    expires_in_s: int = DEFAULT_EXPIRES_IN_S,
+    allow_downgrade: bool = False,
+    probation_s: int = DEFAULT_PROBATION_S,
+    deployment_id: str | None = None,
+) -> dict[str, Any]:
+    """The deployment document (the payload that gets signed)."""
+    if not devices:
+        raise DeploymentError("name at least one device")
+    if len(devices) > MAX_DEVICES:
+        raise DeploymentError(f"at most {MAX_DEVICES} devices per deployment")
+    for device in devices:
+        if not is_device_id(device):
+            raise DeploymentError(f"device id {device!r}: 1-64 letters, digits, '_', '.' or '-'")
+    if len(set(devices)) != len(devices):
+        raise DeploymentError("a device is named twice")
+    if expires_in_s <= 0:
+        raise DeploymentError(f"expires-in {expires_in_s}: must be positive")
+    if probation_s < 0:
+        raise DeploymentError(f"probation {probation_s}: must not be negative")
+    model: dict[str, Any] = {
+        "name": manifest.name,
+        "version": manifest.version,
+        "files": [f.to_json() for f in manifest.files],
+    }
+    if manifest.config is not None:
+        model["config"] = {"sha256": manifest.config.sha256, "size": manifest.config.size}
+    return {
+        "schema": SCHEMA_DEPLOYMENT,
+        "version": SCHEMA_VERSION,
+        "deployment_id": deployment_id or str(uuid.uuid4()),
+        "sequence": sequence,
+        "devices": list(devices),
+        "issued_at": issued_at,
+        "expires_at": issued_at + expires_in_s,
+        "model": model,
+        "allow_downgrade": allow_downgrade,
+        "probation_s": probation_s,
+    }
+
+
+def sign_deployment_document(
+    deployment: dict[str, Any], key: ec.EllipticCurvePrivateKey
+) -> dict[str, Any]:
+    """The ``edge.deployment_envelope`` for ``deployment``, signed with ``key``.
+
+    DSSE: the signature is ECDSA P-256 / SHA-256 (DER) over
+    ``PAE(payloadType, payload)``; the key id is the SHA-256 of the DER public key.
+    """
+    # TODO(issue 5): switch to agent.fleet.deployment.sign_deployment once it exists.
+    payload = encode_json(deployment)
+    signature = key.sign(pae(DEPLOYMENT_PAYLOAD_TYPE, payload), ec.ECDSA(hashes.SHA256()))
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return {
+        "schema": SCHEMA_DEPLOYMENT_ENVELOPE,
+        "version": SCHEMA_VERSION,
+        "payloadType": DEPLOYMENT_PAYLOAD_TYPE,
+        "payload": base64.b64encode(payload).decode("ascii"),
+        "signatures": [
+            {
+                "keyid": hashlib.sha256(der).hexdigest(),
+                "sig": base64.b64encode(signature).decode("ascii"),
+            }
+        ],
+    }
+
+
+def issue_deployment(
+    store: ArtifactStore,
+    model: str,
+    version: int,
+    devices: Sequence[str],
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    expires_in_s: int = DEFAULT_EXPIRES_IN_S,
+    allow_downgrade: bool = False,
+    probation_s: int = DEFAULT_PROBATION_S,
+    now: float | None = None,
+) -> IssuedDeployment:
+    """Build and sign a deployment of a published version; record it in the store."""
+    manifest = store.manifest(model, version)
+    for entry in (*manifest.files, *((manifest.config,) if manifest.config else ())):
+        if not store.has_blob(entry.sha256):
+            raise DeploymentError(f"{entry.path} ({entry.sha256}) is missing from the store")
+    issued_at = int(now if now is not None else time.time())
+    deployment = build_deployment(
+        manifest,
+        devices,
+        sequence=store.next_sequence(),
+        issued_at=issued_at,
+        expires_in_s=expires_in_s,
+        allow_downgrade=allow_downgrade,
+        probation_s=probation_s,
+    )
+    envelope = sign_deployment_document(deployment, key)
+    store.record_deployment(deployment, envelope)
+    return IssuedDeployment(deployment, envelope, encode_json(envelope))
+
+
+async def publish_deployment(client: MqttClient, prefix: str, issued: IssuedDeployment) -> None:
+    """Publish the envelope retained, QoS 1, to every device's desired topic; wait for PUBACKs."""
+    for device in issued.deployment["devices"]:
+        await client.publish(desired_topic(prefix, device), issued.payload, qos=1, retain=True)

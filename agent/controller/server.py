@@ -1,0 +1,325 @@
+"""The chunk server: answers ``edge.chunk_request`` messages from the blob store.
+
+Controllers subscribe ``$share/{group}/{prefix}/artifacts/request/+``, so the
+broker hands each request to one of them and several controller processes can
+serve one fleet. ``parse_chunk_request`` is pure (bytes in, request or error
+out); ``ChunkServer`` reads the bytes and publishes the answer.
+
+The answer always goes to ``{prefix}/devices/{d}/artifacts`` for the device
+named by the request topic (which the broker's ACL ties to the client
+certificate): a response topic naming anything else is refused rather than
+trusted, since the controller may publish anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from agent.controller.protocol import (
+    DEFAULT_MAX_CHUNK_BYTES,
+    MAX_JSON_BYTES,
+    SCHEMA_CHUNK,
+    SCHEMA_CHUNK_ERROR,
+    SCHEMA_CHUNK_REQUEST,
+    SCHEMA_VERSION,
+    SHA256_HEX,
+    artifacts_topic,
+    device_of_request_topic,
+    encode_json,
+    request_subscription,
+)
+from agent.controller.store import ArtifactStore
+from agent.mqtt_client import Message, MqttClient, MqttError
+
+log = logging.getLogger("agent.controller.server")
+
+REQUEST_KEYS: Final = frozenset({"schema", "version", "device", "sha256", "offset", "length"})
+MAX_CORRELATION_BYTES: Final = 256
+MAX_OPEN_BLOBS: Final = 64
+MAX_CONCURRENT_REQUESTS: Final = 64
+
+
+class ChunkRequestError(Exception):
+    """A request that gets an ``edge.chunk_error`` answer."""
+
+    def __init__(
+        self, code: str, message: str, sha256: str | None = None, offset: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.sha256 = sha256
+        self.offset = offset
+
+
+@dataclass(frozen=True)
+class ChunkRequest:
+    device: str
+    sha256: str
+    offset: int
+    length: int
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_chunk_request(
+    topic_device: str, payload: bytes, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+) -> ChunkRequest:
+    """Validate a chunk request's payload; raise ChunkRequestError(bad_request) if it is bad."""
+    if len(payload) > MAX_JSON_BYTES:
+        raise ChunkRequestError("bad_request", f"request larger than {MAX_JSON_BYTES} bytes")
+    try:
+        data: Any = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ChunkRequestError("bad_request", "request is not UTF-8 JSON") from None
+    if not isinstance(data, dict):
+        raise ChunkRequestError("bad_request", "request is not a JSON object")
+    sha = data.get("sha256")
+    sha_echo = sha if isinstance(sha, str) and SHA256_HEX.match(sha) else None
+    offset: Any = data.get("offset")
+    offset_echo = offset if _is_int(offset) and 0 <= offset < 2**63 else None
+
+    def bad(message: str) -> ChunkRequestError:
+        return ChunkRequestError("bad_request", message, sha_echo, offset_echo)
+
+    if data.get("schema") != SCHEMA_CHUNK_REQUEST:
+        raise bad(f"schema {data.get('schema')!r} is not {SCHEMA_CHUNK_REQUEST!r}")
+    if data.get("version") != SCHEMA_VERSION or not _is_int(data.get("version")):
+        raise bad(f"version {data.get('version')!r} is not {SCHEMA_VERSION}")
+    unknown = sorted(set(data) - REQUEST_KEYS)
+    if unknown:
+        raise bad(f"unknown field {unknown[0]!r}")
+    missing = sorted(REQUEST_KEYS - set(data))
+    if missing:
+        raise bad(f"missing field {missing[0]!r}")
+    if data["device"] != topic_device:
+        raise bad(f"device {data['device']!r} does not match the request topic ({topic_device})")
+    if sha_echo is None:
+        raise bad("sha256 is not a lower-case hex SHA-256 digest")
+    if offset_echo is None:
+        raise bad(f"offset {offset!r} is not a non-negative integer")
+    length = data["length"]
+    if not _is_int(length) or length <= 0:
+        raise bad(f"length {length!r} is not a positive integer")
+    if length > max_chunk_bytes:
+        raise bad(f"length {length} exceeds the maximum chunk size {max_chunk_bytes}")
+    return ChunkRequest(topic_device, sha_echo, offset_echo, length)
+
+
+def chunk_error_payload(error: ChunkRequestError) -> bytes:
+    return encode_json(
+        {
+            "schema": SCHEMA_CHUNK_ERROR,
+            "version": SCHEMA_VERSION,
+            "sha256": error.sha256,
+            "offset": error.offset,
+            "code": error.code,
+            "message": error.message,
+        }
+    )
+
+
+@dataclass
+class ServeStats:
+    chunks: int = 0
+    bytes: int = 0
+    errors: int = 0
+    dropped: int = 0  # requests that could not be answered at all (bad topic)
+    by_device: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "chunks": self.chunks,
+            "bytes": self.bytes,
+            "errors": self.errors,
+            "dropped": self.dropped,
+        }
+
+
+class _BlobCache:
+    """Open descriptors of recently served blobs (blobs are immutable once stored)."""
+
+    def __init__(self, store: ArtifactStore, capacity: int = MAX_OPEN_BLOBS) -> None:
+        self._store = store
+        self._capacity = capacity
+        self._open: OrderedDict[str, tuple[int, int]] = OrderedDict()
+
+    def get(self, sha256: str) -> tuple[int, int] | None:
+        """``(fd, size)`` of the blob, or None if the store does not have it."""
+        entry = self._open.get(sha256)
+        if entry is not None:
+            self._open.move_to_end(sha256)
+            return entry
+        try:
+            fd = os.open(self._store.blob_path(sha256), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        entry = (fd, os.fstat(fd).st_size)
+        self._open[sha256] = entry
+        while len(self._open) > self._capacity:
+            _, (old_fd, _) = self._open.popitem(last=False)
+            os.close(old_fd)
+        return entry
+
+    def close(self) -> None:
+        for fd, _ in self._open.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._open.clear()
+
+
+class ChunkServer:
+    """Serves chunks of the store's blobs to devices over one MQTT connection."""
+
+    def __init__(
+        self,
+        client: MqttClient,
+        store: ArtifactStore,
+        *,
+        prefix: str,
+        share_group: str,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.prefix = prefix
+        self.share_group = share_group
+        self.max_chunk_bytes = max_chunk_bytes
+        self.stats = ServeStats()
+        self._blobs = _BlobCache(store)
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def subscription(self) -> str:
+        return request_subscription(self.prefix, self.share_group)
+
+    async def start(self) -> None:
+        await self.client.subscribe(self.subscription, qos=1)
+
+    def handles(self, topic: str) -> bool:
+        return topic.startswith(f"{self.prefix}/artifacts/request/")
+
+    async def dispatch(self, message: Message) -> None:
+        """Answer ``message`` in a task; at most MAX_CONCURRENT_REQUESTS at once."""
+        await self._slots.acquire()
+        task = asyncio.create_task(self._answer(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("chunk request failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._blobs.close()
+
+    async def _answer(self, message: Message) -> None:
+        device = device_of_request_topic(self.prefix, message.topic)
+        if device is None:
+            self.stats.dropped += 1
+            log.warning("chunk request on a bad topic dropped", extra={"topic": message.topic})
+            return
+        reply_to = artifacts_topic(self.prefix, device)
+        correlation = message.correlation_data
+        try:
+            if message.response_topic != reply_to:
+                raise ChunkRequestError(
+                    "bad_request",
+                    f"response topic {message.response_topic!r} is not {reply_to!r}",
+                )
+            if not correlation or len(correlation) > MAX_CORRELATION_BYTES:
+                raise ChunkRequestError(
+                    "bad_request", f"correlation data missing or over {MAX_CORRELATION_BYTES} bytes"
+                )
+            request = parse_chunk_request(device, message.payload, self.max_chunk_bytes)
+            data = self._read(request)
+        except ChunkRequestError as error:
+            self.stats.errors += 1
+            log.warning(
+                "chunk request refused",
+                extra={"device": device, "code": error.code, "reason": error.message},
+            )
+            await self._send(
+                reply_to,
+                chunk_error_payload(error),
+                correlation,
+                {"schema": SCHEMA_CHUNK_ERROR, "version": str(SCHEMA_VERSION)},
+            )
+            return
+        await self._send(
+            reply_to,
+            data,
+            correlation,
+            {
+                "schema": SCHEMA_CHUNK,
+                "version": str(SCHEMA_VERSION),
+                "sha256": request.sha256,
+                "offset": str(request.offset),
+            },
+        )
+        self.stats.chunks += 1
+        self.stats.bytes += len(data)
+        self.stats.by_device[device] = self.stats.by_device.get(device, 0) + 1
+
+    def _read(self, request: ChunkRequest) -> bytes:
+        entry = self._blobs.get(request.sha256)
+        if entry is None:
+            raise ChunkRequestError(
+                "not_found", f"no artifact {request.sha256}", request.sha256, request.offset
+            )
+        fd, size = entry
+        if request.offset >= size:
+            raise ChunkRequestError(
+                "bad_request",
+                f"offset {request.offset} is at or past the end of the artifact ({size} bytes)",
+                request.sha256,
+                request.offset,
+            )
+        length = min(request.length, size - request.offset)
+        data = os.pread(fd, length, request.offset)
+        if len(data) != length:
+            raise ChunkRequestError(
+                "not_found", "artifact truncated in the store", request.sha256, request.offset
+            )
+        return data
+
+    async def _send(
+        self,
+        topic: str,
+        payload: bytes,
+        correlation: bytes | None,
+        properties: dict[str, str],
+    ) -> None:
+        try:
+            await self.client.publish(
+                topic,
+                payload,
+                qos=1,
+                correlation_data=correlation or None,
+                user_properties=properties,
+            )
+        except MqttError as exc:
+            # The device re-requests what times out; nothing else to do here.
+            log.warning("chunk answer not delivered", extra={"topic": topic, "reason": str(exc)})
+
+
+def stats_event(stats: ServeStats, started: float) -> dict[str, Any]:
+    elapsed = max(time.monotonic() - started, 1e-9)
+    return {**stats.as_dict(), "mib_per_s": round(stats.bytes / elapsed / 2**20, 2)}

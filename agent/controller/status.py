@@ -1,0 +1,149 @@
+"""The fleet view: the latest reported state, job progress, health and drift per device.
+
+``StatusBook`` takes the messages devices publish (validated: size, JSON,
+schema for the topic, version, device named in the topic), keeps the latest of
+each kind per device plus a bounded job history, and writes the whole book to
+a JSON file atomically (at most every ``flush_interval_s``), which
+``edge-controller status`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from agent.controller.protocol import MAX_JSON_BYTES, REPORT_SCHEMAS, SCHEMA_VERSION
+from agent.controller.store import StoreError, write_atomically
+
+log = logging.getLogger("agent.controller.status")
+
+STATUS_SCHEMA: Final = "edge.controller_status"
+JOB_HISTORY: Final = 50
+
+
+class StatusRejected(Exception):
+    """A device message that does not fit its topic's schema (kept out of the book)."""
+
+
+def validate_report(device: str, kind: str, payload: bytes) -> dict[str, Any] | None:
+    """The message as a dict; None for an empty payload (a cleared retained message)."""
+    if not payload:
+        return None
+    if len(payload) > MAX_JSON_BYTES:
+        raise StatusRejected(f"{kind} message larger than {MAX_JSON_BYTES} bytes")
+    try:
+        data: Any = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise StatusRejected(f"{kind} message is not UTF-8 JSON") from None
+    if not isinstance(data, dict):
+        raise StatusRejected(f"{kind} message is not a JSON object")
+    expected = REPORT_SCHEMAS[kind]
+    if data.get("schema") != expected:
+        raise StatusRejected(f"{kind} message has schema {data.get('schema')!r}, not {expected!r}")
+    if data.get("version") != SCHEMA_VERSION:
+        raise StatusRejected(f"{kind} message has version {data.get('version')!r}")
+    if "device" in data and data["device"] != device:
+        raise StatusRejected(f"{kind} message names device {data['device']!r} on {device}'s topic")
+    return data
+
+
+class StatusBook:
+    """Latest messages per device, mirrored into a JSON file."""
+
+    def __init__(self, path: Path | None, flush_interval_s: float = 0.2) -> None:
+        self.path = path
+        self.flush_interval_s = flush_interval_s
+        self.devices: dict[str, dict[str, Any]] = {}
+        self.rejected = 0
+        self._dirty = False
+        self._last_flush = 0.0
+
+    def observe(self, device: str, kind: str, payload: bytes, now: float | None = None) -> bool:
+        """Record one message; False (and logged) if it was rejected."""
+        try:
+            message = validate_report(device, kind, payload)
+        except StatusRejected as exc:
+            self.rejected += 1
+            log.warning("device message rejected", extra={"device": device, "reason": str(exc)})
+            return False
+        received = now if now is not None else time.time()
+        entry = self.devices.setdefault(device, {"device": device})
+        entry["last_seen"] = received
+        if message is None:
+            entry.pop(kind, None)
+        else:
+            entry[kind] = {"received_at": received, "message": message}
+            if kind == "jobs":
+                history = entry.setdefault("job_history", [])
+                history.append(
+                    {
+                        key: message.get(key)
+                        for key in ("deployment_id", "phase", "status", "reason_code", "ts")
+                    }
+                )
+                del history[:-JOB_HISTORY]
+        self._dirty = True
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "schema": STATUS_SCHEMA,
+            "version": SCHEMA_VERSION,
+            "written_at": time.time(),
+            "devices": self.devices,
+        }
+
+    def maybe_flush(self, force: bool = False) -> None:
+        if self.path is None or not self._dirty:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_flush < self.flush_interval_s:
+            return
+        try:
+            write_atomically(self.path, json.dumps(self.snapshot(), indent=1).encode() + b"\n")
+        except StoreError as exc:
+            log.error("cannot write the status file", extra={"reason": str(exc)})
+            return
+        self._dirty = False
+        self._last_flush = now
+
+
+def load_status(path: Path) -> dict[str, Any]:
+    data: Any = json.loads(path.read_text())
+    if not isinstance(data, dict) or data.get("schema") != STATUS_SCHEMA:
+        raise ValueError(f"{path} is not a controller status file")
+    return data
+
+
+def _message(entry: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    item = entry.get(kind)
+    if isinstance(item, dict) and isinstance(item.get("message"), dict):
+        message: dict[str, Any] = item["message"]
+        return message
+    return {}
+
+
+def summary_line(entry: Mapping[str, Any]) -> str:
+    """One line per device for ``edge-controller status``."""
+    reported = _message(entry, "reported")
+    job = _message(entry, "jobs") or reported.get("job") or {}
+    models = reported.get("models") or {}
+    active = ",".join(
+        f"{name}:{info.get('active_version')}"
+        for name, info in sorted(models.items())
+        if isinstance(info, dict)
+    )
+    online = reported.get("online")
+    seen = entry.get("last_seen")
+    seen_text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seen)) if seen else "-"
+    return (
+        f"{entry.get('device', '?'):<24} "
+        f"{'online' if online else 'offline' if online is False else '?':<8} "
+        f"{active or '-':<32} "
+        f"{job.get('phase', '-')}/{job.get('status', '-'):<24} "
+        f"{seen_text}"
+    )
