@@ -194,6 +194,16 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# JSON Schema counts 2.0 as an integer; TOML says it is a float, and a float in
+# an integer setting (thread counts, sizes) must stop start-up, not crash it later.
+_Validator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
+    ),
+)
+
+
 def _describe(error: jsonschema.ValidationError) -> str:
     path = ".".join(str(p) for p in error.absolute_path)
     if error.validator == "additionalProperties":
@@ -212,7 +222,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 def build_config(overrides: Mapping[str, Any], source: str = "<defaults>") -> AgentConfig:
     """Merge ``overrides`` (parsed TOML plus CLI flags) over the defaults and validate."""
-    validator = jsonschema.Draft202012Validator(_SCHEMA)
+    validator = _Validator(_SCHEMA)
     errors = sorted(validator.iter_errors(overrides), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError(f"{source}: {_describe(errors[0])}")

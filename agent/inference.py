@@ -8,6 +8,7 @@ that number has been checked against the bytes actually received.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,18 +156,11 @@ def _check_shape(spec: ModelSpec, expected: TensorSpec, shape: tuple[int, ...]) 
     return batch
 
 
-def _element_count(name: str, shape: tuple[int, ...], limit: int) -> int:
-    if 0 in shape:
-        return 0
-    count = 1
-    for d in shape:
-        count *= d
-        if count > limit:
-            raise InvalidInputError(
-                f"input '{name}': shape {list(shape)} has more elements than the data sent "
-                "could hold"
-            )
-    return count
+def _element_count(shape: tuple[int, ...]) -> int:
+    # The rank has been checked against the model, so this is a short product of
+    # integers: cheap however large the dimensions. Nothing is allocated from it
+    # until it has been checked against the data actually received.
+    return math.prod(shape)
 
 
 def _decode_tensor(
@@ -185,13 +179,18 @@ def _decode_tensor(
         )
     if tensor.raw is not None:
         raw = tensor.raw
+        count = _element_count(tensor.shape)
         if tensor.datatype == BYTES:
             # Each element needs at least its 4-byte prefix: bounds the count by the data.
-            count = _element_count(name, tensor.shape, len(raw) // 4)
+            if count * 4 > len(raw):
+                raise InvalidInputError(
+                    f"input '{name}': got {len(raw)} bytes but shape {list(tensor.shape)} has "
+                    f"{count} BYTES elements, which need at least {count * 4} (a 4-byte length "
+                    "prefix each)"
+                )
             array: Array = decode_bytes_tensor(name, raw, count)
         else:
             itemsize = ITEM_SIZES[tensor.datatype]
-            count = _element_count(name, tensor.shape, len(raw) // itemsize)
             if count * itemsize != len(raw):
                 raise InvalidInputError(
                     f"input '{name}': got {len(raw)} bytes but shape {list(tensor.shape)} of "
@@ -200,7 +199,7 @@ def _decode_tensor(
             array = np.frombuffer(raw, dtype=NUMPY_DTYPES[tensor.datatype])
         return array.reshape(tensor.shape), batch
     typed = tensor.typed if tensor.typed is not None else ()
-    count = _element_count(name, tensor.shape, len(typed))
+    count = _element_count(tensor.shape)
     if count != len(typed):
         raise InvalidInputError(
             f"input '{name}': got {len(typed)} values but shape {list(tensor.shape)} needs "

@@ -158,11 +158,7 @@ def _complete_tensors(
                 f"(graph {kind}s: {', '.join(by_name)})"
             )
         graph_dims = tensor.shape[1:] if batching else tensor.shape
-        if batching and tensor.shape and tensor.shape[0] not in (-1,):
-            raise ModelConfigError(
-                f"model '{model_name}': max_batch_size > 0 but {kind} '{entry.name}' has a fixed "
-                f"first dimension {tensor.shape[0]}"
-            )
+        _check_batch_dimension(model_name, kind, tensor, batching)
         if entry.data_type == mc.TYPE_INVALID:
             entry.data_type = mc.DataType.Value(config_type_from_wire(tensor.datatype))
         elif wire_from_config_type(mc.DataType.Name(entry.data_type)) != tensor.datatype:
@@ -186,10 +182,23 @@ def _complete_tensors(
     for tensor in graph:
         if tensor.name in named:
             continue
+        _check_batch_dimension(model_name, kind, tensor, batching)
         entry = declared.add()  # type: ignore[union-attr]
         entry.name = tensor.name
         entry.data_type = mc.DataType.Value(config_type_from_wire(tensor.datatype))
         entry.dims.extend(tensor.shape[1:] if batching else tensor.shape)
+
+
+def _check_batch_dimension(
+    model_name: str, kind: str, tensor: GraphTensor, batching: bool
+) -> None:
+    # With max_batch_size > 0 every graph tensor's first dimension is the batch:
+    # it must be dynamic, whether or not config.pbtxt lists the tensor.
+    if batching and (not tensor.shape or tensor.shape[0] != -1):
+        first = f"a fixed first dimension {tensor.shape[0]}" if tensor.shape else "no dimensions"
+        raise ModelConfigError(
+            f"model '{model_name}': max_batch_size > 0 but {kind} '{tensor.name}' has {first}"
+        )
 
 
 def model_spec(

@@ -15,12 +15,32 @@ fi
 
 .venv/bin/ruff check .
 .venv/bin/mypy
-set +e
-.venv/bin/python -m pytest "$@"
-status=$?
-set -e
-if [ "$status" -eq 5 ]; then
-  echo "pytest collected no tests: failing" >&2
-  exit 1
+# pytest runs in two processes. tests/unit imports the agent's protobuf modules
+# (agent.wire), and tritonclient registers the same Triton .proto files
+# ("model_config.proto") in protobuf's one descriptor pool, so the two cannot
+# be imported into one process; tests/unit/conftest.py refuses a run that mixes
+# them. Arguments are pytest options given to both runs (e.g. -x, -k EXPR);
+# arguments naming test paths give a single run of exactly those.
+run_pytest() {
+  local status=0
+  .venv/bin/python -m pytest "$@" || status=$?
+  if [ "$status" -eq 5 ]; then
+    echo "pytest collected no tests ($*): failing" >&2
+    return 1
+  fi
+  return "$status"
+}
+
+names_paths=0
+for arg in "$@"; do
+  if [ -e "${arg%%::*}" ]; then names_paths=1; fi
+done
+
+status=0
+if [ "$names_paths" -eq 1 ]; then
+  run_pytest "$@" || status=$?
+else
+  run_pytest tests/unit "$@" || status=$?
+  run_pytest tests --ignore=tests/unit "$@" || status=$?
 fi
 exit "$status"
