@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Coroutine
@@ -98,6 +99,7 @@ class MqttClient:
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_socket_open = _disable_nagle
         self._lock = threading.Lock()
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._early: dict[int, Exception | None] = {}  # acks that beat their registration
@@ -292,6 +294,13 @@ class MqttClient:
 
 
 _MISSING: Any = object()
+
+
+def _disable_nagle(client: Any, userdata: Any, sock: Any) -> None:
+    # paho leaves Nagle on: a small request (or PUBACK) then waits for the peer's
+    # delayed ACK, ~40 ms per round trip. Request/response traffic needs it off.
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
