@@ -1,0 +1,163 @@
+"""Start and stop a real ``edge-controller`` process (and run its one-shot commands).
+
+``ControllerProcess`` runs ``python -m agent.controller.cli serve`` and parses
+its JSON log lines from stderr: it is serving once the ``serving`` event is
+logged (every subscription acknowledged), and its final counters arrive in the
+``stopped`` event after SIGTERM. Stopped by PID, always.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.agent_process import REPO_ROOT, write_toml
+from tests.mqtt_broker import CONTROLLER_IDENTITY, MosquittoBroker
+
+
+def controller_toml(
+    path: Path,
+    broker: MosquittoBroker,
+    store: Path,
+    *,
+    trust_dir: Path | None = None,
+    deploy_key: Path | None = None,
+    share_group: str = "edge-controllers",
+    max_chunk_bytes: int | None = None,
+    client_id: str = "",
+) -> Path:
+    """A controller config for ``broker`` (TLS with the controller certificate if it has TLS)."""
+    broker_section: dict[str, Any] = {"host": broker.host, "port": broker.port}
+    if client_id:
+        broker_section["client_id"] = client_id
+    if broker.tls is not None:
+        cert = broker.tls.client(CONTROLLER_IDENTITY)
+        broker_section |= {
+            "tls_ca": str(broker.tls.ca_cert),
+            "tls_cert": str(cert.cert),
+            "tls_key": str(cert.key),
+        }
+    fleet: dict[str, Any] = {"prefix": broker.prefix, "share_group": share_group}
+    if max_chunk_bytes is not None:
+        fleet["max_chunk_bytes"] = max_chunk_bytes
+    config: dict[str, dict[str, Any]] = {
+        "broker": broker_section,
+        "fleet": fleet,
+        "store": {"dir": str(store)},
+    }
+    if trust_dir is not None:
+        config["signing"] = {"trust_dir": str(trust_dir)}
+    if deploy_key is not None:
+        config["deploy"] = {"key": str(deploy_key)}
+    return write_toml(path, config)
+
+
+def run_controller(
+    args: Sequence[str], timeout: float = 60.0, cwd: Path = REPO_ROOT
+) -> subprocess.CompletedProcess[str]:
+    """Run a one-shot ``edge-controller`` command; returns the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent.controller.cli", *args],
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+class ControllerProcess:
+    """``edge-controller serve`` as a child process."""
+
+    def __init__(self, config_path: Path, extra_args: Sequence[str] = ()) -> None:
+        self.lines: list[str] = []
+        self.events: list[dict[str, Any]] = []
+        self._serving = threading.Event()
+        self._stopped_event: dict[str, Any] | None = None
+        self._exited = threading.Event()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent.controller.cli",
+                "serve",
+                "--config",
+                str(config_path),
+                *extra_args,
+            ],
+            cwd=REPO_ROOT,
+            env=dict(os.environ),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self.proc.pid
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            self.events.append(event)
+            if event.get("msg") == "serving":
+                self._serving.set()
+            elif event.get("msg") == "stopped":
+                self._stopped_event = event
+        self._exited.set()
+
+    def wait_serving(self, timeout: float = 20.0) -> ControllerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._serving.wait(0.05):
+                return self
+            if self.proc.poll() is not None:
+                self._exited.wait(2)
+                raise RuntimeError(
+                    f"controller exited with {self.proc.returncode} before serving:\n"
+                    + self.log_text()
+                )
+        raise TimeoutError("controller not serving in time:\n" + self.log_text())
+
+    def log_text(self) -> str:
+        return "\n".join(self.lines[-40:])
+
+    def stop(self, timeout: float = 15.0) -> dict[str, Any] | None:
+        """SIGTERM by PID (SIGKILL if it lingers); returns the ``stopped`` event, if logged."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(timeout)
+        self._exited.wait(5)
+        return self._stopped_event
+
+    def kill(self) -> None:
+        """SIGKILL by PID: a crash."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._exited.wait(5)
+
+    def __enter__(self) -> ControllerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,544 @@
+"""The fleet controller against a real mosquitto (TLS + per-device ACL), as real processes.
+
+``edge-controller publish / deploy / status`` run as one-shot commands,
+``edge-controller serve`` as a child process; the device side is an in-test
+MQTT client speaking docs/fleet-protocol.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.controller.server import ChunkRequestError, parse_chunk_request
+from agent.signing.keys import load_public_key
+from agent.signing.oms import pae
+from tests.controller_process import ControllerProcess, controller_toml, run_controller
+from tests.fleet_device import (
+    DeviceClient,
+    DownloadStats,
+    SigningKeys,
+    chunk_request,
+    device_settings,
+    make_signed_version,
+    make_signing_keys,
+)
+from tests.mqtt_broker import BrokerFactory, MosquittoBroker
+
+MODEL = "tabular_classifier"
+MODEL_BYTES = 3 * 1024 * 1024 + 12345  # not a multiple of any chunk size
+CONFIG_PBTXT = b'name: "tabular_classifier"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 64\n'
+MAX_CHUNK = 256 * 1024
+
+
+@dataclass
+class Fleet:
+    broker: MosquittoBroker
+    store: Path
+    signing: SigningKeys
+    repo: Path
+    version_dir: Path
+    deploy_key: Path
+    deploy_public_key: Path
+    config: Path
+    model_bytes: bytes
+
+    @property
+    def model_sha(self) -> str:
+        return hashlib.sha256(self.model_bytes).hexdigest()
+
+
+def _publish(fleet: Fleet, version_dir: Path, version: int) -> Any:
+    result = run_controller(
+        [
+            "publish",
+            str(version_dir),
+            "--model",
+            MODEL,
+            "--version",
+            str(version),
+            "--config",
+            str(fleet.config),
+        ]
+    )
+    return result
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, mqtt_tls_broker: MosquittoBroker) -> Fleet:
+    signing = make_signing_keys(tmp_path / "model-signing")
+    repo = tmp_path / "repo"
+    model_bytes = os.urandom(MODEL_BYTES)
+    version_dir = make_signed_version(
+        repo,
+        MODEL,
+        3,
+        {"model.onnx": model_bytes, "validation/vectors.json": b'{"cases": []}'},
+        signing,
+        config_pbtxt=CONFIG_PBTXT,
+    )
+    keygen = run_controller(["keygen", "--out-dir", str(tmp_path / "deploy-keys")])
+    assert keygen.returncode == 0, keygen.stderr
+    deploy_key = tmp_path / "deploy-keys" / "deployment.key.pem"
+    store = tmp_path / "store"
+    config = controller_toml(
+        tmp_path / "controller.toml",
+        mqtt_tls_broker,
+        store,
+        trust_dir=signing.trust_dir,
+        deploy_key=deploy_key,
+        max_chunk_bytes=MAX_CHUNK,
+    )
+    fleet = Fleet(
+        mqtt_tls_broker,
+        store,
+        signing,
+        repo,
+        version_dir,
+        deploy_key,
+        tmp_path / "deploy-keys" / "deployment.pub.pem",
+        config,
+        model_bytes,
+    )
+    published = _publish(fleet, version_dir, 3)
+    assert published.returncode == 0, published.stderr
+    return fleet
+
+
+def _run(coro: Any, timeout: float = 120.0) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+# --------------------------------------------------------------------------- publish
+
+
+def test_publish_stores_content_addressed_blobs_and_manifest(fleet: Fleet) -> None:
+    manifest = json.loads((fleet.store / "models" / MODEL / "3.json").read_text())
+    assert manifest["name"] == MODEL and manifest["model_version"] == 3
+    by_path = {f["path"]: f for f in manifest["files"]}
+    assert set(by_path) == {"model.onnx", "model.sig", "validation/vectors.json"}
+    for rel, entry in by_path.items():
+        data = (fleet.version_dir / rel).read_bytes()
+        assert entry == {"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        blob = fleet.store / "blobs" / "sha256" / entry["sha256"]
+        assert blob.read_bytes() == data
+    assert manifest["config"]["sha256"] == hashlib.sha256(CONFIG_PBTXT).hexdigest()
+    assert (fleet.store / "blobs" / "sha256" / manifest["config"]["sha256"]).is_file()
+
+    # Publishing the same content again is a no-op; different content under the same
+    # version number is refused and changes nothing.
+    again = _publish(fleet, fleet.version_dir, 3)
+    assert again.returncode == 0, again.stderr
+    other = make_signed_version(
+        fleet.repo / "other", MODEL, 3, {"model.onnx": b"different"}, fleet.signing
+    )
+    conflict = _publish(fleet, other, 3)
+    assert conflict.returncode == 1
+    assert "publish_conflict" in conflict.stderr
+    assert (
+        json.loads((fleet.store / "models" / MODEL / "3.json").read_text())["files"]
+        == (manifest["files"])
+    )
+
+
+def test_publish_refuses_tampered_and_untrusted_versions(fleet: Fleet, tmp_path: Path) -> None:
+    tampered = make_signed_version(
+        tmp_path / "t", MODEL, 4, {"model.onnx": b"original bytes"}, fleet.signing
+    )
+    (tampered / "model.onnx").write_bytes(b"altered bytes!")
+    result = _publish(fleet, tampered, 4)
+    assert result.returncode == 1
+    assert "file_digest_mismatch" in result.stderr
+    assert not (fleet.store / "models" / MODEL / "4.json").exists()
+    assert not (
+        fleet.store / "blobs" / "sha256" / hashlib.sha256(b"altered bytes!").hexdigest()
+    ).exists()
+
+    stranger = make_signing_keys(tmp_path / "stranger")
+    untrusted = make_signed_version(tmp_path / "u", MODEL, 5, {"model.onnx": b"x"}, stranger)
+    result = _publish(fleet, untrusted, 5)
+    assert result.returncode == 1
+    assert "signature_untrusted_key" in result.stderr
+    assert not (fleet.store / "models" / MODEL / "5.json").exists()
+
+    unsigned = tmp_path / "unsigned" / MODEL / "6"
+    unsigned.mkdir(parents=True)
+    (unsigned / "model.onnx").write_bytes(b"y")
+    result = _publish(fleet, unsigned, 6)
+    assert result.returncode == 1
+    assert "signature_missing" in result.stderr
+
+
+# --------------------------------------------------------------------------- deploy
+
+
+def _verify_envelope(envelope: dict[str, Any], public_key_pem: Path) -> dict[str, Any]:
+    assert envelope["schema"] == "edge.deployment_envelope" and envelope["version"] == 1
+    assert envelope["payloadType"] == "application/vnd.edge-agent.deployment+json"
+    payload = base64.b64decode(envelope["payload"])
+    key = load_public_key(public_key_pem)
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (signature,) = envelope["signatures"]
+    assert signature["keyid"] == hashlib.sha256(der).hexdigest()
+    key.verify(  # raises InvalidSignature if wrong
+        base64.b64decode(signature["sig"]),
+        pae(envelope["payloadType"], payload),
+        ec.ECDSA(hashes.SHA256()),
+    )
+    deployment: dict[str, Any] = json.loads(payload)
+    return deployment
+
+
+async def _retained_desired(broker: MosquittoBroker, device: str) -> dict[str, Any]:
+    # A fresh session, so the message can only be the broker's retained copy.
+    settings = device_settings(
+        broker,
+        device,
+        client_id=f"{device}-{os.urandom(4).hex()}",
+        clean_start=True,
+        session_expiry_s=0,
+    )
+    async with DeviceClient(settings, device) as dev:
+        await dev.client.subscribe(f"edge/devices/{device}/desired")
+        message = await asyncio.wait_for(dev.other.get(), 10)
+        assert message.topic == f"edge/devices/{device}/desired"
+        assert message.retain and message.qos == 1
+        envelope: dict[str, Any] = json.loads(message.payload)
+        return envelope
+
+
+def test_deploy_signs_and_publishes_retained_to_each_device(fleet: Fleet) -> None:
+    before = int(time.time())
+    first = run_controller(
+        [
+            "deploy",
+            MODEL,
+            "3",
+            "--device",
+            "dev-a",
+            "--device",
+            "dev-b",
+            "--expires-in",
+            "3600",
+            "--config",
+            str(fleet.config),
+        ]
+    )
+    assert first.returncode == 0, first.stderr
+    envelope_a = _run(_retained_desired(fleet.broker, "dev-a"))
+    envelope_b = _run(_retained_desired(fleet.broker, "dev-b"))
+    assert envelope_a == envelope_b
+    deployment = _verify_envelope(envelope_a, fleet.deploy_public_key)
+    manifest = json.loads((fleet.store / "models" / MODEL / "3.json").read_text())
+    assert deployment["schema"] == "edge.deployment" and deployment["version"] == 1
+    assert deployment["devices"] == ["dev-a", "dev-b"]
+    assert deployment["model"] == {
+        "name": MODEL,
+        "version": 3,
+        "files": manifest["files"],
+        "config": {"sha256": manifest["config"]["sha256"], "size": manifest["config"]["size"]},
+    }
+    assert before <= deployment["issued_at"] <= time.time()
+    assert deployment["expires_at"] - deployment["issued_at"] == 3600
+    assert deployment["allow_downgrade"] is False
+    assert deployment["deployment_id"] in first.stdout
+    assert str(deployment["sequence"]) in first.stdout
+
+    second = run_controller(
+        [
+            "deploy",
+            MODEL,
+            "3",
+            "--device",
+            "dev-a",
+            "--allow-downgrade",
+            "--config",
+            str(fleet.config),
+        ]
+    )
+    assert second.returncode == 0, second.stderr
+    redeployed = _verify_envelope(
+        _run(_retained_desired(fleet.broker, "dev-a")), fleet.deploy_public_key
+    )
+    assert redeployed["sequence"] > deployment["sequence"]
+    assert redeployed["deployment_id"] != deployment["deployment_id"]
+    assert redeployed["allow_downgrade"] is True
+    assert redeployed["expires_at"] - redeployed["issued_at"] == 7 * 24 * 3600
+    # dev-b still holds the first deployment.
+    assert _run(_retained_desired(fleet.broker, "dev-b")) == envelope_b
+    records = sorted((fleet.store / "deployments").glob("*.json"))
+    assert len(records) == 2
+
+
+def test_deploy_refuses_unknown_versions_and_bad_devices(fleet: Fleet) -> None:
+    missing = run_controller(
+        ["deploy", MODEL, "9", "--device", "dev-a", "--config", str(fleet.config)]
+    )
+    assert missing.returncode == 3
+    assert "not published" in missing.stderr
+    bad = run_controller(
+        ["deploy", MODEL, "3", "--device", "../dev", "--config", str(fleet.config)]
+    )
+    assert bad.returncode == 1
+    assert "device id" in bad.stderr
+    assert not (fleet.store / "deployments").exists()
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def test_serve_answers_chunk_requests_with_exact_bytes(fleet: Fleet) -> None:
+    async def scenario() -> None:
+        async with DeviceClient(device_settings(fleet.broker, "dev-a"), "dev-a") as dev:
+            # One request: the answer carries the protocol's user properties and the
+            # request's correlation data, on the device's artifacts topic.
+            answer = await dev.request(fleet.model_sha, 1000, 4096)
+            assert answer.topic == "edge/devices/dev-a/artifacts"
+            assert answer.payload == fleet.model_bytes[1000:5096]
+            assert answer.user_properties == {
+                "schema": "edge.chunk",
+                "version": "1",
+                "sha256": fleet.model_sha,
+                "offset": "1000",
+            }
+            # The last chunk is short: only the bytes that exist.
+            tail = await dev.request(fleet.model_sha, MODEL_BYTES - 100, MAX_CHUNK)
+            assert tail.payload == fleet.model_bytes[-100:]
+            stats = DownloadStats()
+            data = await dev.download(
+                fleet.model_sha, MODEL_BYTES, chunk=MAX_CHUNK, window=6, stats=stats
+            )
+            assert data == fleet.model_bytes
+            assert stats.retries == 0 and not dev.unmatched
+            signature = (fleet.version_dir / "model.sig").read_bytes()
+            sig_sha = hashlib.sha256(signature).hexdigest()
+            assert await dev.download(sig_sha, len(signature), chunk=1024, window=3) == signature
+
+    with ControllerProcess(fleet.config).wait_serving() as controller:
+        _run(scenario())
+        stopped = controller.stop()
+    assert stopped is not None
+    assert stopped["errors"] == 0
+    assert stopped["chunks"] >= 2 + -(-MODEL_BYTES // MAX_CHUNK)
+
+
+def test_two_controllers_share_the_requests(fleet: Fleet, tmp_path: Path) -> None:
+    second_config = controller_toml(
+        tmp_path / "controller-2.toml",
+        fleet.broker,
+        fleet.store,
+        max_chunk_bytes=MAX_CHUNK,
+    )
+    chunk = 16 * 1024
+    expected_chunks = -(-MODEL_BYTES // chunk)
+
+    async def scenario() -> None:
+        async with DeviceClient(device_settings(fleet.broker, "dev-a"), "dev-a") as dev:
+            data = await dev.download(fleet.model_sha, MODEL_BYTES, chunk=chunk, window=16)
+            assert data == fleet.model_bytes
+
+    first = ControllerProcess(fleet.config)
+    second = ControllerProcess(second_config)
+    try:
+        first.wait_serving()
+        second.wait_serving()
+        _run(scenario())
+    finally:
+        stats = [first.stop(), second.stop()]
+    assert all(s is not None for s in stats), [first.log_text(), second.log_text()]
+    served = [s["chunks"] for s in stats if s is not None]
+    assert all(n > 0 for n in served), f"each controller should answer a part: {served}"
+    assert sum(served) == expected_chunks
+
+
+BAD_REQUESTS: list[tuple[str, Any, str]] = [
+    ("length over the maximum", {"length": MAX_CHUNK + 1}, "bad_request"),
+    ("zero length", {"length": 0}, "bad_request"),
+    ("negative offset", {"offset": -1}, "bad_request"),
+    ("offset past the end", {"offset": MODEL_BYTES}, "bad_request"),
+    ("float length", {"length": 1.5}, "bad_request"),
+    ("boolean offset", {"offset": True}, "bad_request"),
+    ("unknown artifact", {"sha256": "0" * 64}, "not_found"),
+    ("upper-case digest", {"sha256": "A" * 64}, "bad_request"),
+    ("other device in payload", {"device": "dev-b"}, "bad_request"),
+    ("unknown schema", {"schema": "edge.chunk_requests"}, "bad_request"),
+    ("future version", {"version": 2}, "bad_request"),
+    ("unknown field", {"extra": 1}, "bad_request"),
+    ("missing field", {"length": None}, "bad_request"),
+    ("not JSON", b"\xff{not json", "bad_request"),
+    ("JSON array", b"[1, 2]", "bad_request"),
+    ("oversized JSON", b'{"pad": "' + b"x" * (64 * 1024) + b'"}', "bad_request"),
+]
+
+
+def test_bad_chunk_requests_get_chunk_errors(fleet: Fleet) -> None:
+    async def scenario() -> None:
+        async with DeviceClient(device_settings(fleet.broker, "dev-a"), "dev-a") as dev:
+            for name, change, code in BAD_REQUESTS:
+                if isinstance(change, bytes):
+                    payload = change
+                else:
+                    body = json.loads(chunk_request("dev-a", fleet.model_sha, 0, 1024))
+                    for key, value in change.items():
+                        if value is None:
+                            del body[key]
+                        else:
+                            body[key] = value
+                    payload = json.dumps(body).encode()
+                correlation = dev.new_correlation()
+                future = await dev.send_raw(payload, correlation=correlation)
+                assert future is not None
+                answer = await asyncio.wait_for(future, 10)
+                assert answer.user_properties.get("schema") == "edge.chunk_error", name
+                error = json.loads(answer.payload)
+                assert error["schema"] == "edge.chunk_error" and error["version"] == 1, name
+                assert error["code"] == code, (name, error)
+                assert error["message"], name
+
+            # A response topic other than the device's own is refused, and the
+            # answer still goes to the device's own topic only.
+            correlation = dev.new_correlation()
+            future = await dev.send_raw(
+                chunk_request("dev-a", fleet.model_sha, 0, 10),
+                correlation=correlation,
+                response_topic="edge/devices/dev-b/artifacts",
+            )
+            assert future is not None
+            answer = await asyncio.wait_for(future, 10)
+            assert answer.topic == "edge/devices/dev-a/artifacts"
+            assert json.loads(answer.payload)["code"] == "bad_request"
+
+            # Nothing was disturbed: a good request is still answered.
+            good = await dev.request(fleet.model_sha, 0, 10)
+            assert good.payload == fleet.model_bytes[:10]
+
+    with ControllerProcess(fleet.config).wait_serving() as controller:
+        _run(scenario())
+        stopped = controller.stop()
+    assert stopped is not None
+    assert stopped["errors"] == len(BAD_REQUESTS) + 1
+    assert stopped["chunks"] == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.dictionaries(
+            st.sampled_from(["schema", "version", "device", "sha256", "offset", "length", "x"]),
+            st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=70)),
+        ).map(lambda d: json.dumps(d).encode()),
+    )
+)
+def test_parse_chunk_request_accepts_only_valid_requests(payload: bytes) -> None:
+    try:
+        request = parse_chunk_request("dev-a", payload, MAX_CHUNK)
+    except ChunkRequestError as error:
+        assert error.code == "bad_request" and error.message
+        return
+    data = json.loads(payload)
+    assert data["schema"] == "edge.chunk_request" and data["device"] == "dev-a"
+    assert 0 < request.length <= MAX_CHUNK and request.offset >= 0
+
+
+# --------------------------------------------------------------------------- status
+
+
+def test_status_keeps_latest_reports_per_device(fleet: Fleet) -> None:
+    reported = {
+        "schema": "edge.reported_state",
+        "version": 1,
+        "device": "dev-a",
+        "online": True,
+        "since": 1.0,
+        "agent_version": "0.1.0",
+        "models": {MODEL: {"active_version": 2, "last_known_good": 2}},
+        "job": None,
+        "highest_sequence": 0,
+    }
+
+    def job(phase: str, status: str) -> bytes:
+        return json.dumps(
+            {
+                "schema": "edge.job_progress",
+                "version": 1,
+                "device": "dev-a",
+                "deployment_id": "d-1",
+                "sequence": 1,
+                "model": MODEL,
+                "model_version": 3,
+                "phase": phase,
+                "status": status,
+                "reason_code": "",
+                "message": "",
+                "progress": {"bytes": 0, "total": 0},
+                "ts": time.time(),
+                "message_id": os.urandom(8).hex(),
+            }
+        ).encode()
+
+    async def device_reports() -> None:
+        async with DeviceClient(device_settings(fleet.broker, "dev-a"), "dev-a") as dev:
+            await dev.client.publish(
+                "edge/devices/dev-a/reported", json.dumps(reported).encode(), retain=True
+            )
+            await dev.client.publish("edge/devices/dev-a/jobs", job("Downloading", "IN_PROGRESS"))
+            await dev.client.publish("edge/devices/dev-a/jobs", job("Active", "SUCCEEDED"))
+            # Rejected: wrong schema for the topic, and a message naming another device.
+            await dev.client.publish("edge/devices/dev-a/health", job("Failed", "FAILED"))
+            bad = json.loads(job("Failed", "FAILED"))
+            bad["device"] = "dev-b"
+            await dev.client.publish("edge/devices/dev-a/jobs", json.dumps(bad).encode())
+
+    with ControllerProcess(fleet.config).wait_serving() as controller:
+        _run(device_reports())
+        deadline = time.monotonic() + 15
+        shown: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            result = run_controller(["status", "dev-a", "--config", str(fleet.config)])
+            if result.returncode == 0:
+                shown = json.loads(result.stdout)
+                if len(shown.get("job_history", [])) >= 2:
+                    break
+            time.sleep(0.2)
+        controller.stop()
+    assert shown["reported"]["message"] == reported
+    assert shown["jobs"]["message"]["phase"] == "Active"
+    assert [j["phase"] for j in shown["job_history"]] == ["Downloading", "Active"]
+    assert "health" not in shown
+
+    table = run_controller(["status", "--config", str(fleet.config)])
+    assert table.returncode == 0, table.stderr
+    (line,) = [ln for ln in table.stdout.splitlines() if ln.startswith("dev-a")]
+    assert "online" in line and f"{MODEL}:2" in line and "Active/SUCCEEDED" in line
+    unknown = run_controller(["status", "dev-z", "--config", str(fleet.config)])
+    assert unknown.returncode == 3
+
+
+def test_controller_config_errors_name_the_key(
+    tmp_path: Path, mosquitto_factory: BrokerFactory
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[fleet]\nprefx = "edge"\n')
+    result = run_controller(["serve", "--config", str(config)])
+    assert result.returncode == 2
+    assert "fleet.prefx" in result.stderr
+    config.write_text('[broker]\nport = "x"\n')
+    result = run_controller(["serve", "--config", str(config)])
+    assert result.returncode == 2
+    assert "broker.port" in result.stderr
