@@ -4,13 +4,15 @@ end) asks of the agent. It knows models and tensors, not wire formats."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent import __version__
 from agent.errors import DeadlineExceededError, NotPermittedError, ServerUnavailableError
-from agent.inference import InferenceRequest, InferenceResponse, decode_request
+from agent.inference import DecodedRequest, InferenceRequest, InferenceResponse, decode_request
 from agent.model_manager import ModelManager, ServingModel
 from agent.repository import check_model_name
+from agent.scheduler import Completed
 from agent.wire import model_config_pb2 as mc
 
 SERVER_NAME = "edge-agent"
@@ -22,6 +24,11 @@ EXTENSIONS = (
     "statistics",
     "binary_tensor_data",
 )
+
+
+# Called after each successful request, on the event-loop thread; must be cheap
+# and never block (drift monitoring samples and queues references, nothing more).
+RequestObserver = Callable[[ServingModel, DecodedRequest, Completed], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +60,7 @@ class DataPlane:
         self.models = models
         self.explicit_model_control = explicit_model_control
         self.accepting = False  # set once start-up loading is done; cleared on drain
+        self.observe: RequestObserver | None = None
 
     # -- health and metadata ----------------------------------------------
 
@@ -141,6 +149,8 @@ class DataPlane:
         stats.record_success(
             time.perf_counter_ns() - started, done.queue_ns, decoded.batch_size, done.timings
         )
+        if self.observe is not None:
+            self.observe(model, decoded, done)
         return InferenceResponse(
             model.spec.name, model.spec.version, request.request_id, done.outputs
         )
