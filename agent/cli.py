@@ -11,6 +11,7 @@ from typing import Any
 from agent import __version__
 from agent.errors import AgentError, ConfigError
 from agent.signing.cli import add_signing_commands
+from agent.telemetry.cli import add_telemetry_commands
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_check_config)
 
     add_signing_commands(sub)
+    add_telemetry_commands(sub)
     return parser
 
 
