@@ -37,7 +37,7 @@ def add_telemetry_commands(sub: Any) -> None:
                    help=".npz (one array per input, by name), .npy (single-input models) or "
                    ".csv (columns NAME or NAME[i])")
     p.add_argument("--model-config", type=Path, metavar="CONFIG_PBTXT",
-                   help="the model's config.pbtxt (default: VERSION_DIR/../config.pbtxt if present)")
+                   help="the model's config.pbtxt (default: VERSION_DIR/../config.pbtxt)")
     p.add_argument("--bins", type=int, default=10, help="quantile bins for PSI/JS (default 10)")
     p.add_argument("--fine-bins", type=int, default=100,
                    help="quantile bins for KS/Wasserstein, a multiple of --bins (default 100)")
