@@ -542,3 +542,34 @@ def test_controller_config_errors_name_the_key(
     result = run_controller(["serve", "--config", str(config)])
     assert result.returncode == 2
     assert "broker.port" in result.stderr
+
+
+def test_download_survives_a_device_in_the_share_group(fleet: Fleet) -> None:
+    """A device that joins the controllers' share group swallows its turn of the
+    requests (mosquitto's acl_file checks deliveries, not subscriptions); the
+    downloading device re-requests what timed out and still gets every byte."""
+
+    async def scenario() -> DownloadStats:
+        rogue = DeviceClient(device_settings(fleet.broker, "dev-b"), "dev-b")
+        await rogue.start()
+        try:
+            await rogue.client.subscribe("$share/edge-controllers/edge/artifacts/request/+")
+            async with DeviceClient(device_settings(fleet.broker, "dev-a"), "dev-a") as dev:
+                stats = DownloadStats()
+                data = await dev.download(
+                    fleet.model_sha,
+                    MODEL_BYTES,
+                    chunk=MAX_CHUNK,
+                    window=8,
+                    request_timeout=0.5,
+                    stats=stats,
+                )
+                assert data == fleet.model_bytes
+            assert rogue.other.empty() and not rogue.unmatched  # it read nothing
+            return stats
+        finally:
+            await rogue.stop()
+
+    with ControllerProcess(fleet.config).wait_serving():
+        stats = _run(scenario())
+    assert stats.retries > 0, "the rogue member should have swallowed some requests"
