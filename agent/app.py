@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
+import os
 import signal
 import time
 import tomllib
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, build_config
+from agent.config import (
+    DEFAULT_CONFIG_PATH,
+    STOP_HOOKS_TIMEOUT_S,
+    AgentConfig,
+    ServerConfig,
+    build_config,
+)
 from agent.dataplane import DataPlane
 from agent.errors import AgentError, ConfigError
 from agent.grpc_server import HealthReporter, TlsFiles, build_server
-from agent.model_manager import LoadSettings, ModelManager, ModelReader
+from agent.logs import configure_logging
+from agent.model_manager import UNAVAILABLE, LoadSettings, ModelManager, ModelReader
 from agent.onnx_runtime import SessionOptions
 from agent.systemd import Notifier
+from agent.watchdog import Run, Watchdog, start_watchdog
 
 log = logging.getLogger("agent")
 
@@ -74,12 +85,44 @@ def _read_tls(config: AgentConfig) -> TlsFiles | None:
         raise ConfigError(f"cannot read TLS file: {exc}") from exc
 
 
+# On SIGTERM, once inference has drained: time for the last responses to be sent.
+_RESPONSE_GRACE_S = 1.0
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+# Config sections a reload applies (server only in part); the others need a restart.
+_RELOADABLE = ("repository", "logging", "server", "source")
+
+
+def _restart_only(server: ServerConfig) -> ServerConfig:
+    # The server keys a reload cannot apply (listening sockets, TLS, limits).
+    return replace(server, drain_timeout_s=0.0, stall_timeout_s=0.0)
+
+
+# A shutdown step after the drain: (name, coroutine function).
+StopHook = tuple[str, Callable[[], Awaitable[None]]]
+
+
 class Agent:
-    def __init__(self, config: AgentConfig, config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        config_path: Path | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
         self.config = config
         self._config_path = config_path
+        self._overrides = overrides  # CLI flags: they win over the file on reload too
         self._notifier = Notifier()
         self._stop = asyncio.Event()
+        self._started = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._watchdog: Watchdog | None = None
+        # Telemetry flush and the MQTT offline state register here (neither exists yet).
+        self.stop_hooks: list[StopHook] = []
         self.bound: list[str] = []
         settings = LoadSettings(
             session=SessionOptions(
@@ -101,20 +144,41 @@ class Agent:
 
     def _models_changed(self) -> None:
         self._spawn(self.health.refresh())
+        if self._started.is_set() and not self._reload_lock.locked():  # reload says READY
+            self._notifier.status(self._status_text())
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        self._keep(asyncio.get_running_loop().create_task(coro))
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _status_line(self) -> str:
-        ready = sum(1 for _ in self.models.serving())
-        return f"STATUS=serving {ready} model version(s) on {', '.join(self.bound)}"
+    def _status_text(self) -> str:
+        ready = len(self.models.serving())
+        failed = sum(
+            1 for v in self.models.states().values() for s in v.values() if s.state == UNAVAILABLE
+        )
+        text = f"serving {ready} model version(s) on {', '.join(self.bound)}"
+        return text + (f"; {failed} unavailable (see RepositoryIndex)" if failed else "")
+
+    def _runs(self) -> Iterator[Run]:
+        for model in self.models.serving():
+            started = model.scheduler.oldest_run_started()
+            if started is not None:
+                yield Run(model.spec.name, model.spec.version, started)
 
     async def start(self) -> list[str]:
         started = time.monotonic()
         cfg = self.config
-        self._notifier.notify("STATUS=loading models")
+        # Pings start now: model loading runs on threads and leaves the loop free.
+        watchdog = start_watchdog(
+            self._notifier, self._runs, cfg.server.stall_timeout_s, self._status_text
+        )
+        if watchdog is not None:
+            self._watchdog, task = watchdog
+            self._keep(task)
+        self._notifier.status(f"loading models from {cfg.repository.path}")
         explicit = cfg.repository.model_control == "explicit"
         startup = list(cfg.repository.startup_models) if explicit else None
         await self.models.sync_repository(startup or None)
@@ -145,62 +209,156 @@ class Agent:
                 "startup_s": round(time.monotonic() - started, 3),
             },
         )
-        self._notifier.notify("READY=1", self._status_line())
+        self._notifier.notify("READY=1", "STATUS=" + self._status_text())
+        self._started.set()
         return self.bound
 
+    def request_reload(self) -> None:
+        self._spawn(self.reload())
+
     async def reload(self) -> None:
-        """SIGHUP: re-read the config and rescan the repository; a bad config changes nothing."""
-        self._notifier.notify(
-            "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
-        )
+        """SIGHUP: re-read the config and rescan the repository; a bad config changes nothing.
+
+        Reloads run one at a time, and only after start-up has finished.
+        """
+        await self._started.wait()
+        async with self._reload_lock:
+            self._notifier.reloading("reloading config and model repository")
+            problem = None
+            try:
+                problem = await self._reload()
+            except Exception:  # keep serving what is loaded; say so
+                log.exception("reload failed")
+                problem = "reload failed (see the log)"
+            finally:
+                status = self._status_text()
+                if problem:
+                    status += f"; {problem}"
+                self._notifier.notify("READY=1", "STATUS=" + status)
+
+    async def _reload(self) -> str | None:
+        """Returns what went wrong for the status line, or None."""
         try:
-            new = read_config(self._config_path)
+            new = read_config(self._config_path, self._overrides)
         except ConfigError as exc:
-            log.error("reload refused: config invalid, keeping the running one",
-                      extra={"reason": str(exc)})
-            self._notifier.notify("READY=1", f"STATUS=reload refused: {exc}")
-            return
+            log.error(
+                "reload refused: config invalid, keeping the running one",
+                extra={"reason": str(exc)},
+            )
+            return "reload refused: " + " ".join(str(exc).split())
+        old = self.config
         restart_needed = [
-            key for key in ("server", "signing", "runtime")
-            if getattr(new, key) != getattr(self.config, key)
+            f.name
+            for f in fields(new)
+            if f.name not in _RELOADABLE and getattr(new, f.name) != getattr(old, f.name)
         ]
+        if _restart_only(new.server) != _restart_only(old.server):
+            restart_needed.insert(0, "server")
         if restart_needed:
             log.warning(
                 "config sections changed that take effect only on restart",
                 extra={"sections": restart_needed},
             )
-        self.config = replace(self.config, repository=new.repository, logging=new.logging)
-        self.plane.explicit_model_control = new.repository.model_control == "explicit"
+        if new.logging != old.logging:
+            configure_logging(new.logging.level, new.logging.format)
+        self.config = replace(
+            old,
+            repository=new.repository,
+            logging=new.logging,
+            server=replace(
+                old.server,
+                drain_timeout_s=new.server.drain_timeout_s,
+                stall_timeout_s=new.server.stall_timeout_s,
+            ),
+        )
+        if self._watchdog is not None:
+            self._watchdog.stall_timeout_s = new.server.stall_timeout_s
+        explicit = new.repository.model_control == "explicit"
+        self.plane.explicit_model_control = explicit
+        self.models.root = Path(new.repository.path)
+        # With explicit model control, only what is loaded is rescanned; the rest
+        # waits for a RepositoryModelLoad.
+        only = sorted({m.spec.name for m in self.models.serving()}) if explicit else None
         try:
-            await self.models.sync_repository()
+            await self.models.sync_repository(only)
         except AgentError as exc:
             log.error("repository rescan failed", extra={"reason": str(exc)})
-        log.info("reloaded", extra={"models": len(self.models.serving())})
-        self._notifier.notify("READY=1", self._status_line())
+        log.info(
+            "reloaded",
+            extra={
+                "models": sorted(f"{m.spec.name}:{m.spec.version}" for m in self.models.serving())
+            },
+        )
+        return None
 
-    async def stop(self) -> None:
-        """SIGTERM: stop taking requests, let running ones finish (bounded), release."""
-        self._notifier.notify("STOPPING=1", "STATUS=draining")
-        timeout = self.config.server.drain_timeout_s
+    def add_stop_hook(self, name: str, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook`` on shutdown once requests have drained (flush telemetry,
+        publish the offline state); all hooks share STOP_HOOKS_TIMEOUT_S."""
+        self.stop_hooks.append((name, hook))
+
+    async def stop(self) -> bool:
+        """SIGTERM: stop taking requests, let running ones finish (bounded), run the stop
+        hooks, release. Returns False if an inference run is still stuck on a worker."""
+        drain_s = self.config.server.drain_timeout_s
+        deadline = time.monotonic() + drain_s
+        self._notifier.notify(
+            "STOPPING=1", f"STATUS=stopping: draining in-flight requests (up to {drain_s:g} s)"
+        )
+        log.info("stopping", extra={"drain_timeout_s": drain_s})
+        for task in list(self._background):  # the watchdog, a reload in progress
+            task.cancel()
+        # New inference requests now get UNAVAILABLE (which clients retry elsewhere)
+        # and health says NOT_SERVING, while the ones running finish.
         self.plane.accepting = False
         await self.health.refresh()
+        workers = [m.scheduler for m in self.models.serving()]
+        await asyncio.gather(*(w.drain(_remaining(deadline)) for w in workers))
+        await self.models.close(_remaining(deadline))  # versions retired by a reload
         if self._server is not None:
-            await self._server.stop(grace=timeout)
-        await self.models.close(timeout)
+            # Inference is done: the last responses get a moment to go out, then
+            # what is left (idle streams, a model load) is cancelled.
+            await self._server.stop(grace=min(_remaining(deadline), _RESPONSE_GRACE_S))
+        hooks_deadline = time.monotonic() + STOP_HOOKS_TIMEOUT_S
+        for name, hook in self.stop_hooks:
+            try:
+                await asyncio.wait_for(hook(), _remaining(hooks_deadline))
+            except Exception as exc:  # one failing hook must not block the others
+                log.error("stop hook failed", extra={"hook": name, "reason": repr(exc)})
+        stuck = sorted(
+            f"{w.spec.name}:{w.spec.version}" for w in workers if w.oldest_run_started() is not None
+        )
+        if stuck:
+            log.error(
+                "inference runs still going after server.drain_timeout_s; abandoning them",
+                extra={"models": stuck},
+            )
         log.info("stopped")
+        return not stuck
 
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def run(self) -> None:
+    async def run(self) -> bool:
+        """Serve until SIGTERM/SIGINT; True if everything stopped cleanly."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
-        await self.start()
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        try:
+            await self.start()
+        except AgentError as exc:
+            self._notifier.status(f"start-up failed: {exc}")
+            raise
         await self._stop.wait()
-        await self.stop()
+        return await self.stop()
 
 
-async def serve(config: AgentConfig, config_path: Path | None) -> None:
-    await Agent(config, config_path).run()
+async def serve(
+    config: AgentConfig, config_path: Path | None, overrides: dict[str, Any] | None = None
+) -> None:
+    # On SIGABRT (systemd's watchdog signal) dump every thread's stack to the journal.
+    faulthandler.enable()
+    if not await Agent(config, config_path, overrides).run():
+        # A worker thread is stuck inside onnxruntime and cannot be interrupted;
+        # the interpreter would wait for it forever at exit.
+        os._exit(0)

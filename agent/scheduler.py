@@ -16,6 +16,7 @@ concatenation and output serialisation all happen on worker threads.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -108,6 +109,9 @@ class Scheduler:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Worker thread -> when its current onnxruntime run began (stall detection).
+        self._runs_started: dict[int, float] = {}
+        self._runs_lock = threading.Lock()
 
     async def submit(self, decoded: DecodedRequest, deadline: float | None) -> Completed:
         raise NotImplementedError
@@ -120,6 +124,24 @@ class Scheduler:
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
+
+    def _execute(
+        self, items: Sequence[DecodedRequest], enqueued_ns: Sequence[int]
+    ) -> list[Completed]:
+        """Worker-thread body: ``run_batch``, noting while it runs for the watchdog."""
+        me = threading.get_ident()
+        with self._runs_lock:
+            self._runs_started[me] = _monotonic()
+        try:
+            return run_batch(self.session, items, enqueued_ns)
+        finally:
+            with self._runs_lock:
+                del self._runs_started[me]
+
+    def oldest_run_started(self) -> float | None:
+        """When the longest-running current run began (monotonic), or None if idle."""
+        with self._runs_lock:
+            return min(self._runs_started.values(), default=None)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait for requests in flight to finish; then release the workers."""
@@ -144,7 +166,7 @@ class DirectScheduler(Scheduler):
     ) -> Completed:
         if deadline is not None and _monotonic() >= deadline:
             raise DeadlineExceededError("the request's deadline passed while it waited to run")
-        return run_batch(self.session, (decoded,), (enqueued_ns,))[0]
+        return self._execute((decoded,), (enqueued_ns,))[0]
 
     async def submit(self, decoded: DecodedRequest, deadline: float | None) -> Completed:
         if self.in_flight >= self._limit:
@@ -265,8 +287,7 @@ class DynamicBatcher(Scheduler):
         loop = asyncio.get_running_loop()
         work = loop.run_in_executor(
             self.executor,
-            run_batch,
-            self.session,
+            self._execute,
             [p.decoded for p in items],
             [p.enqueued_ns for p in items],
         )
