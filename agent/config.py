@@ -60,14 +60,47 @@ DEFAULTS: dict[str, Any] = {
     "state": {
         "dir": "state",
     },
+    "telemetry": {
+        "health_interval_s": 30.0,  # edge.health messages
+        "drift_window_s": 300.0,  # one edge.drift message per window
+        "sample_rate": 0.1,  # share of requests whose tensors feed drift monitoring (0: off)
+        "sample_queue": 1024,  # sampled requests waiting for the drift thread; more are dropped
+        # The store-and-forward outbox (SQLite in the state directory).
+        "outbox_max_messages": 10_000,
+        "outbox_max_bytes": 64 * MIB,
+        "outbox_max_age_s": 7 * 24 * 3600.0,
+        "prometheus_address": "127.0.0.1:9464",  # "" = no Prometheus endpoint
+        # [warn, drift] per metric ([] = report, never flag); min_samples per window.
+        "thresholds": {
+            "psi": [0.1, 0.2],
+            "js": [0.1, 0.2],
+            "ks": [0.1, 0.2],
+            "wasserstein": [0.1, 0.2],  # W1 / reference std
+            "missing_rate": [0.05, 0.1],  # increase over the reference's missing rate
+            "out_of_range": [0.05, 0.1],
+            "min_samples": 500,
+        },
+        "model_thresholds": {},  # model name -> overrides of "thresholds"
+    },
     "logging": {
         "level": "info",
         "format": "json",  # json | logfmt
     },
 }
 
+_BAND = {"type": "array", "items": {"type": "number", "minimum": 0}, "maxItems": 2}
+_DRIFT_THRESHOLDS = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        **{m: _BAND for m in ("psi", "js", "ks", "wasserstein", "missing_rate", "out_of_range")},
+        "min_samples": {"type": "integer", "minimum": 1},
+    },
+}
+
 _SCHEMA: dict[str, Any] = {
     "type": "object",
+    "$defs": {"drift_thresholds": _DRIFT_THRESHOLDS},
     "additionalProperties": False,
     "properties": {
         "server": {
@@ -123,6 +156,25 @@ _SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {"dir": {"type": "string", "minLength": 1}},
         },
+        "telemetry": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "health_interval_s": {"type": "number", "minimum": 0.1, "maximum": 86400},
+                "drift_window_s": {"type": "number", "minimum": 0.1, "maximum": 7 * 86400},
+                "sample_rate": {"type": "number", "minimum": 0, "maximum": 1},
+                "sample_queue": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+                "outbox_max_messages": {"type": "integer", "minimum": 1, "maximum": 10_000_000},
+                "outbox_max_bytes": {"type": "integer", "minimum": 65536, "maximum": 2**40},
+                "outbox_max_age_s": {"type": "number", "exclusiveMinimum": 0},
+                "prometheus_address": {"type": "string"},
+                "thresholds": {"$ref": "#/$defs/drift_thresholds"},
+                "model_thresholds": {
+                    "type": "object",
+                    "additionalProperties": {"$ref": "#/$defs/drift_thresholds"},
+                },
+            },
+        },
         "logging": {
             "type": "object",
             "additionalProperties": False,
@@ -177,6 +229,20 @@ class StateConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    health_interval_s: float
+    drift_window_s: float
+    sample_rate: float
+    sample_queue: int
+    outbox_max_messages: int
+    outbox_max_bytes: int
+    outbox_max_age_s: float
+    prometheus_address: str
+    thresholds: Mapping[str, Any]  # metric -> [warn, drift] or []; min_samples
+    model_thresholds: Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str
     format: str
@@ -190,6 +256,9 @@ class AgentConfig:
     runtime: RuntimeConfig
     state: StateConfig
     logging: LoggingConfig
+    telemetry: TelemetryConfig = field(
+        default_factory=lambda: _telemetry_config(DEFAULTS["telemetry"], "")
+    )
     source: str = field(default="<defaults>")
 
 
@@ -259,6 +328,7 @@ def build_config(overrides: Mapping[str, Any], source: str = "<defaults>") -> Ag
             **{**runtime, "execution_providers": tuple(runtime["execution_providers"])}
         ),
         state=StateConfig(**merged["state"]),
+        telemetry=_telemetry_config(merged["telemetry"], source),
         logging=LoggingConfig(**merged["logging"]),
         source=source,
     )
@@ -270,3 +340,28 @@ def _check_address(address: str, source: str) -> None:
         raise ConfigError(
             f"{source}: key 'server.address': {address!r} is not HOST:PORT (e.g. 127.0.0.1:8001)"
         )
+
+
+def _telemetry_config(telemetry: Mapping[str, Any], source: str) -> TelemetryConfig:
+    address = telemetry["prometheus_address"]
+    if address:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(
+                f"{source}: key 'telemetry.prometheus_address': {address!r} is not HOST:PORT "
+                "(e.g. 127.0.0.1:9464) or \"\" (off)"
+            )
+    tables = {"telemetry.thresholds": telemetry["thresholds"]}
+    tables.update(
+        {f"telemetry.model_thresholds.{m}": t for m, t in telemetry["model_thresholds"].items()}
+    )
+    for where, table in tables.items():
+        for metric, band in table.items():
+            if metric == "min_samples":
+                continue
+            if len(band) == 1 or (len(band) == 2 and band[0] > band[1]):
+                raise ConfigError(
+                    f"{source}: key '{where}.{metric}': {band!r} is not [warn, drift] with "
+                    "warn <= drift (or [] to never flag)"
+                )
+    return TelemetryConfig(**telemetry)
