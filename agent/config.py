@@ -60,6 +60,36 @@ DEFAULTS: dict[str, Any] = {
     "state": {
         "dir": "state",
     },
+    "mqtt": {
+        "enabled": False,  # the fleet plane; the agent serves gRPC either way
+        "host": "127.0.0.1",
+        "port": 1883,
+        "tls_ca": "",  # CA bundle of the broker's certificate; "" = plain TCP
+        "tls_cert": "",  # client certificate (mutual TLS: the device identity)
+        "tls_key": "",
+        "tls_server_name": "",  # check this name in the broker certificate instead of host
+        "username": "",
+        "password": "",
+        "device_id": "",  # "": the host name
+        "topic_prefix": "edge",
+        "keepalive_s": 30,
+        "session_expiry_s": 7 * 24 * 3600,  # QoS 1 messages wait this long at the broker
+        "reconnect_max_s": 30.0,
+    },
+    "fleet": {
+        # Public keys allowed to sign deployments (not the model-signing keys).
+        "deployment_trust_dir": "/etc/edge-agent/deployment-keys",
+        "chunk_bytes": 256 * 1024,
+        "window": 8,  # chunk requests in flight
+        "chunk_timeout_s": 10.0,
+        "chunk_retries": 8,  # per chunk, while connected, before the job fails
+        "max_model_bytes": 4 * 1024 * MIB,
+        "max_clock_skew_s": 300.0,
+        "probation_s": 60.0,  # a deployment's probation_s overrides it
+        "probation_max_error_rate": 0.05,
+        "probation_min_requests": 20,  # fewer requests than this never fail probation
+        "max_start_attempts": 3,  # restarts in one activation/probation before giving up
+    },
     "telemetry": {
         "health_interval_s": 30.0,  # edge.health messages
         "drift_window_s": 300.0,  # one edge.drift message per window
@@ -156,6 +186,46 @@ _SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {"dir": {"type": "string", "minLength": 1}},
         },
+        "mqtt": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "enabled": {"type": "boolean"},
+                "host": {"type": "string", "minLength": 1},
+                "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                "tls_ca": {"type": "string"},
+                "tls_cert": {"type": "string"},
+                "tls_key": {"type": "string"},
+                "tls_server_name": {"type": "string"},
+                "username": {"type": "string"},
+                "password": {"type": "string"},
+                "device_id": {"type": "string", "pattern": "^([A-Za-z0-9_.-]{1,64})?$"},
+                "topic_prefix": {
+                    "type": "string",
+                    "pattern": "^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$",
+                },
+                "keepalive_s": {"type": "integer", "minimum": 5, "maximum": 65535},
+                "session_expiry_s": {"type": "integer", "minimum": 0, "maximum": 4294967295},
+                "reconnect_max_s": {"type": "number", "minimum": 1, "maximum": 3600},
+            },
+        },
+        "fleet": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "deployment_trust_dir": {"type": "string", "minLength": 1},
+                "chunk_bytes": {"type": "integer", "minimum": 1024, "maximum": 16 * MIB},
+                "window": {"type": "integer", "minimum": 1, "maximum": 256},
+                "chunk_timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+                "chunk_retries": {"type": "integer", "minimum": 0, "maximum": 1000},
+                "max_model_bytes": {"type": "integer", "minimum": 1, "maximum": 2**48},
+                "max_clock_skew_s": {"type": "number", "minimum": 0, "maximum": 86400},
+                "probation_s": {"type": "number", "minimum": 0, "maximum": 7 * 24 * 3600},
+                "probation_max_error_rate": {"type": "number", "minimum": 0, "maximum": 1},
+                "probation_min_requests": {"type": "integer", "minimum": 1},
+                "max_start_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
+            },
+        },
         "telemetry": {
             "type": "object",
             "additionalProperties": False,
@@ -229,6 +299,39 @@ class StateConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MqttConfig:
+    enabled: bool
+    host: str
+    port: int
+    tls_ca: str
+    tls_cert: str
+    tls_key: str
+    tls_server_name: str
+    username: str
+    password: str
+    device_id: str
+    topic_prefix: str
+    keepalive_s: int
+    session_expiry_s: int
+    reconnect_max_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    deployment_trust_dir: str
+    chunk_bytes: int
+    window: int
+    chunk_timeout_s: float
+    chunk_retries: int
+    max_model_bytes: int
+    max_clock_skew_s: float
+    probation_s: float
+    probation_max_error_rate: float
+    probation_min_requests: int
+    max_start_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
 class TelemetryConfig:
     health_interval_s: float
     drift_window_s: float
@@ -256,6 +359,8 @@ class AgentConfig:
     runtime: RuntimeConfig
     state: StateConfig
     logging: LoggingConfig
+    mqtt: MqttConfig = field(default_factory=lambda: _mqtt_config(DEFAULTS["mqtt"], ""))
+    fleet: FleetConfig = field(default_factory=lambda: FleetConfig(**DEFAULTS["fleet"]))
     telemetry: TelemetryConfig = field(
         default_factory=lambda: _telemetry_config(DEFAULTS["telemetry"], "")
     )
@@ -328,6 +433,8 @@ def build_config(overrides: Mapping[str, Any], source: str = "<defaults>") -> Ag
             **{**runtime, "execution_providers": tuple(runtime["execution_providers"])}
         ),
         state=StateConfig(**merged["state"]),
+        mqtt=_mqtt_config(merged["mqtt"], source),
+        fleet=FleetConfig(**merged["fleet"]),
         telemetry=_telemetry_config(merged["telemetry"], source),
         logging=LoggingConfig(**merged["logging"]),
         source=source,
@@ -340,6 +447,18 @@ def _check_address(address: str, source: str) -> None:
         raise ConfigError(
             f"{source}: key 'server.address': {address!r} is not HOST:PORT (e.g. 127.0.0.1:8001)"
         )
+
+
+def _mqtt_config(mqtt: Mapping[str, Any], source: str) -> MqttConfig:
+    if bool(mqtt["tls_cert"]) != bool(mqtt["tls_key"]):
+        raise ConfigError(f"{source}: keys 'mqtt.tls_cert' and 'mqtt.tls_key' go together")
+    if mqtt["tls_cert"] and not mqtt["tls_ca"]:
+        raise ConfigError(
+            f"{source}: key 'mqtt.tls_cert' needs 'mqtt.tls_ca' (the broker's CA) for TLS"
+        )
+    if mqtt["password"] and not mqtt["username"]:
+        raise ConfigError(f"{source}: key 'mqtt.password' needs 'mqtt.username'")
+    return MqttConfig(**mqtt)
 
 
 def _telemetry_config(telemetry: Mapping[str, Any], source: str) -> TelemetryConfig:

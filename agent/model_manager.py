@@ -4,6 +4,11 @@ Loading (disk reads, signature checks, onnxruntime session creation) runs on
 a worker thread. A new version is fully loaded before it replaces the old one;
 the old one then drains: requests already running finish on it, and only
 then are its workers released.
+
+A model can be *pinned* to one version (the fleet updater does this: the
+version its state says must serve). A pin replaces the config's version policy
+for that model; a pinned version that fails to load leaves the versions that
+were serving in place.
 """
 
 from __future__ import annotations
@@ -12,13 +17,13 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import AgentError, ModelNotFoundError, ModelNotReadyError
 from agent.model_config import ModelSpec, complete_config, model_spec, parse_config_pbtxt
-from agent.onnx_runtime import OnnxSession, SessionOptions
+from agent.onnx_runtime import OnnxSession, SessionOptions, zero_inputs
 from agent.repository import (
     RepositoryModel,
     check_model_name,
@@ -83,8 +88,23 @@ class _Loaded:
     fingerprint: tuple[tuple[str, int, int], ...]
 
 
+def _warm_up(session: OnnxSession, name: str, version: int) -> None:
+    # The first run allocates; doing it now keeps it off the first request's latency.
+    try:
+        session.run([t.name for t in session.outputs], zero_inputs(session.inputs))
+    except Exception as exc:  # a model may refuse zeros; that is not a load failure
+        log.info(
+            "warm-up run failed (not an error)",
+            extra={"model": name, "version": version, "reason": str(exc)[:200]},
+        )
+
+
 def _load_blocking(
-    model: RepositoryModel, version: int, reader: ModelReader, settings: LoadSettings
+    model: RepositoryModel,
+    version: int,
+    reader: ModelReader,
+    settings: LoadSettings,
+    warm_up: bool = False,
 ) -> _Loaded:
     version_dir = model.path / str(version)
     declared = (
@@ -96,6 +116,8 @@ def _load_blocking(
     fingerprint = _fingerprint(version_dir, model.config_text)
     model_bytes = reader(version_dir, filename)
     session = OnnxSession(model_bytes, settings.session)
+    if warm_up:
+        _warm_up(session, model.name, version)
     config = complete_config(
         declared, model.name, session.inputs, session.outputs, settings.default_instance_count
     )
@@ -120,6 +142,7 @@ class ModelManager:
         self._states: dict[str, dict[str, VersionState]] = {}
         self._lock = asyncio.Lock()
         self._draining: set[asyncio.Task[bool]] = set()
+        self._pins: dict[str, int] = {}
 
     # -- lookups (loop thread, cheap) ------------------------------------
 
@@ -158,7 +181,48 @@ class ModelManager:
     def serving_versions(self, name: str) -> dict[str, ServingModel]:
         return self._serving.get(name, {})
 
+    def pins(self) -> dict[str, int]:
+        return dict(self._pins)
+
     # -- changes (serialised by one lock) ----------------------------------
+
+    def set_pins(self, pins: Mapping[str, int]) -> None:
+        """Pin models to versions before the first ``sync_repository`` (start-up)."""
+        self._pins = dict(pins)
+
+    async def activate(self, name: str, version: int | None) -> ServingModel | None:
+        """Pin ``name`` to ``version`` (None: back to the policy) and make that serve.
+
+        The new version is loaded and warmed up while the old one serves; then it
+        takes new requests and the old one drains. If it fails to load, the pin
+        goes back to what it was, what served keeps serving, and the error is raised.
+        """
+        check_model_name(name)
+        async with self._lock:
+            model = await asyncio.to_thread(read_model, self.root, name)
+            if version is not None and version not in model.versions:
+                raise ModelNotFoundError(f"model '{name}' has no version {version} on disk")
+            previous = self._pins.get(name)
+            if version is None:
+                self._pins.pop(name, None)
+            else:
+                self._pins[name] = version
+            await self._sync_model(model, warm_up=True)
+            self._on_change()
+            if version is None:
+                return None
+            found = self._serving.get(name, {}).get(str(version))
+            if found is None:
+                if previous is None:
+                    self._pins.pop(name, None)
+                else:
+                    self._pins[name] = previous
+                state = self._states.get(name, {}).get(str(version))
+                reason = state.reason if state is not None else "not loaded"
+                raise ModelNotReadyError(
+                    f"model '{name}' version {version} did not load: {reason}"
+                )
+            return found
 
     async def sync_repository(self, only: list[str] | None = None) -> None:
         """Bring what is served in line with the repository (start-up and reload)."""
@@ -187,7 +251,7 @@ class ModelManager:
             await self._unload(name, "unloaded by request")
             self._on_change()
 
-    async def _sync_model(self, model: RepositoryModel) -> None:
+    async def _sync_model(self, model: RepositoryModel, warm_up: bool = False) -> None:
         states = self._states.setdefault(model.name, {})
         serving = self._serving.setdefault(model.name, {})
         try:
@@ -201,7 +265,16 @@ class ModelManager:
             for v in model.versions or (0,):
                 states[str(v)] = VersionState(UNAVAILABLE, str(exc))
             return
-        wanted = [str(v) for v in select_versions(policy, model.versions)]
+        pin = self._pins.get(model.name)
+        if pin is not None and pin in model.versions:
+            wanted = [str(pin)]
+        else:
+            if pin is not None:
+                log.warning(
+                    "pinned version missing on disk; using the version policy",
+                    extra={"model": model.name, "version": pin},
+                )
+            wanted = [str(v) for v in select_versions(policy, model.versions)]
         if not wanted:
             states.clear()
             states["0"] = VersionState(UNAVAILABLE, "no version directories match the policy")
@@ -215,7 +288,7 @@ class ModelManager:
             states[version] = VersionState(LOADING)
             try:
                 loaded = await asyncio.to_thread(
-                    _load_blocking, model, int(version), self._reader, self._settings
+                    _load_blocking, model, int(version), self._reader, self._settings, warm_up
                 )
             except AgentError as exc:
                 log.error(
@@ -240,10 +313,12 @@ class ModelManager:
             log.info("model version ready", extra={"model": model.name, "version": version})
             if current is not None:
                 self._retire(current)
-        for version in [v for v in serving if v not in wanted]:
+        # A pinned version that did not come up does not take the old one down.
+        keep = pin is not None and not any(v in serving for v in wanted)
+        for version in [v for v in serving if v not in wanted and not keep]:
             self._retire(serving.pop(version))
             states.pop(version, None)
-        for version in [v for v in states if v not in wanted and v != "0"]:
+        for version in [v for v in states if v not in wanted and v != "0" and v not in serving]:
             states.pop(version, None)
         if wanted:
             states.pop("0", None)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from agent.datatypes import NUMPY_DTYPES
 from agent.errors import ModelConfigError
 
 # onnxruntime's type strings -> protocol datatype names.
@@ -76,6 +77,23 @@ def _graph_tensor(node: Any) -> GraphTensor:
     if datatype is None:
         raise ModelConfigError(f"tensor '{node.name}' has unsupported type {node.type}")
     return GraphTensor(node.name, datatype, _dims(node.shape))
+
+
+def zero_inputs(tensors: Sequence[GraphTensor]) -> dict[str, np.ndarray[Any, Any]]:
+    """A feed of zeros (empty strings for BYTES) with every dynamic dimension 1.
+
+    Runs any graph whose inputs are plain tensors once: a warm-up before a new
+    version takes traffic, and the smoke test for a version without validation
+    vectors.
+    """
+    feeds: dict[str, np.ndarray[Any, Any]] = {}
+    for tensor in tensors:
+        shape = tuple(d if d >= 0 else 1 for d in tensor.shape)
+        if tensor.datatype == "BYTES":
+            feeds[tensor.name] = np.full(shape, "", dtype=object)
+        else:
+            feeds[tensor.name] = np.zeros(shape, dtype=NUMPY_DTYPES[tensor.datatype])
+    return feeds
 
 
 class OnnxSession:

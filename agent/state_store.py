@@ -90,6 +90,7 @@ class JobRecord:
     previous_last_known_good: int | None = None
     probation_until: float | None = None  # unix seconds
     attempts: int = 0  # start-ups that found the job in its current phase
+    installed: bool = False  # the version may have been moved into the repository
     started_at: float = 0.0
     updated_at: float = 0.0
 
