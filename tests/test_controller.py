@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.controller.server import ChunkRequestError, parse_chunk_request
-from agent.signing.keys import load_public_key
-from agent.signing.oms import pae
+from agent.fleet.deployment import DeviceContext, verify_deployment
+from agent.signing.keys import TrustStore, load_public_key
+from agent.signing.oms import key_id, pae
 from tests.controller_process import ControllerProcess, controller_toml, run_controller
 from tests.fleet_device import (
     DeviceClient,
@@ -190,17 +191,26 @@ def _verify_envelope(envelope: dict[str, Any], public_key_pem: Path) -> dict[str
     assert envelope["payloadType"] == "application/vnd.edge-agent.deployment+json"
     payload = base64.b64decode(envelope["payload"])
     key = load_public_key(public_key_pem)
-    der = key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
     (signature,) = envelope["signatures"]
-    assert signature["keyid"] == hashlib.sha256(der).hexdigest()
+    assert signature["keyid"] == key_id(key)
     key.verify(  # raises InvalidSignature if wrong
         base64.b64decode(signature["sig"]),
         pae(envelope["payloadType"], payload),
         ec.ECDSA(hashes.SHA256()),
     )
     deployment: dict[str, Any] = json.loads(payload)
+    # And the device's own verifier accepts it.
+    verified = verify_deployment(
+        json.dumps(envelope).encode(),
+        TrustStore.from_public_key_files([public_key_pem]),
+        DeviceContext(device_id=deployment["devices"][0], now=time.time(), highest_sequence=0),
+    )
+    assert verified.deployment_id == deployment["deployment_id"]
+    assert (
+        verified.total_bytes
+        == sum(f["size"] for f in deployment["model"]["files"])
+        + (deployment["model"]["config"]["size"])
+    )
     return deployment
 
 

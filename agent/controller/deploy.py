@@ -3,36 +3,32 @@
 A deployment names the devices, the model version and every file's digest and
 size (from the store's manifest), a fresh deployment id, a sequence number the
 store issues strictly increasing, and its validity window. It is signed with the
-deployment key as a DSSE envelope and published retained, QoS 1, to each
+deployment key as a DSSE envelope (``agent.fleet.deployment.sign_deployment``,
+the same module the agent verifies with) and published retained, QoS 1, to each
 device's ``desired`` topic.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import json
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.controller.protocol import (
-    DEPLOYMENT_PAYLOAD_TYPE,
     SCHEMA_DEPLOYMENT,
-    SCHEMA_DEPLOYMENT_ENVELOPE,
     SCHEMA_VERSION,
     desired_topic,
-    encode_json,
     is_device_id,
 )
 from agent.controller.store import ArtifactStore, ModelManifest
 from agent.errors import AgentError
+from agent.fleet.deployment import sign_deployment
 from agent.mqtt_client import MqttClient
-from agent.signing.oms import pae
 
 DEFAULT_EXPIRES_IN_S: Final = 7 * 24 * 3600
 DEFAULT_PROBATION_S: Final = 60
@@ -106,34 +102,6 @@ def build_deployment(
     }
 
 
-def sign_deployment_document(
-    deployment: dict[str, Any], key: ec.EllipticCurvePrivateKey
-) -> dict[str, Any]:
-    """The ``edge.deployment_envelope`` for ``deployment``, signed with ``key``.
-
-    DSSE: the signature is ECDSA P-256 / SHA-256 (DER) over
-    ``PAE(payloadType, payload)``; the key id is the SHA-256 of the DER public key.
-    """
-    # TODO(issue 5): switch to agent.fleet.deployment.sign_deployment once it exists.
-    payload = encode_json(deployment)
-    signature = key.sign(pae(DEPLOYMENT_PAYLOAD_TYPE, payload), ec.ECDSA(hashes.SHA256()))
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return {
-        "schema": SCHEMA_DEPLOYMENT_ENVELOPE,
-        "version": SCHEMA_VERSION,
-        "payloadType": DEPLOYMENT_PAYLOAD_TYPE,
-        "payload": base64.b64encode(payload).decode("ascii"),
-        "signatures": [
-            {
-                "keyid": hashlib.sha256(der).hexdigest(),
-                "sig": base64.b64encode(signature).decode("ascii"),
-            }
-        ],
-    }
-
-
 def issue_deployment(
     store: ArtifactStore,
     model: str,
@@ -161,9 +129,10 @@ def issue_deployment(
         allow_downgrade=allow_downgrade,
         probation_s=probation_s,
     )
-    envelope = sign_deployment_document(deployment, key)
+    payload = sign_deployment(deployment, key)
+    envelope: dict[str, Any] = json.loads(payload)
     store.record_deployment(deployment, envelope)
-    return IssuedDeployment(deployment, envelope, encode_json(envelope))
+    return IssuedDeployment(deployment, envelope, payload)
 
 
 async def publish_deployment(client: MqttClient, prefix: str, issued: IssuedDeployment) -> None:

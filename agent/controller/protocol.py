@@ -1,4 +1,8 @@
-"""Topic names, schema names and limits of docs/fleet-protocol.md (controller side)."""
+"""Topic names, schema names and limits of docs/fleet-protocol.md (controller side).
+
+Identifier patterns, the JSON size limit and the deployment schema come from
+``agent.fleet.deployment``, the module devices verify deployments with.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +10,17 @@ import json
 import re
 from typing import Any, Final
 
-SCHEMA_VERSION: Final = 1
-MAX_JSON_BYTES: Final = 64 * 1024
-DEFAULT_MAX_CHUNK_BYTES: Final = 1024 * 1024
+from agent.fleet.deployment import DEPLOYMENT_SCHEMA as SCHEMA_DEPLOYMENT
+from agent.fleet.deployment import DEVICE_ID, MODEL_NAME, SCHEMA_VERSION, SHA256_HEX
+from agent.fleet.deployment import MAX_MESSAGE_BYTES as MAX_JSON_BYTES
 
-DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+DEFAULT_MAX_CHUNK_BYTES: Final = 1024 * 1024
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 _GROUP = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
-SCHEMA_DEPLOYMENT_ENVELOPE: Final = "edge.deployment_envelope"
-SCHEMA_DEPLOYMENT: Final = "edge.deployment"
 SCHEMA_CHUNK_REQUEST: Final = "edge.chunk_request"
 SCHEMA_CHUNK: Final = "edge.chunk"
 SCHEMA_CHUNK_ERROR: Final = "edge.chunk_error"
-
-DEPLOYMENT_PAYLOAD_TYPE: Final = "application/vnd.edge-agent.deployment+json"
 
 # The device-to-controller topics the controller follows, with their schema.
 REPORT_SCHEMAS: Final[dict[str, str]] = {
@@ -39,9 +37,7 @@ def is_device_id(value: object) -> bool:
 
 
 def is_model_name(value: object) -> bool:
-    return (
-        isinstance(value, str) and MODEL_NAME.match(value) is not None and value not in {".", ".."}
-    )
+    return isinstance(value, str) and MODEL_NAME.match(value) is not None and ".." not in value
 
 
 def check_prefix(prefix: str) -> str:
@@ -99,3 +95,18 @@ def split_report_topic(prefix: str, topic: str) -> tuple[str, str] | None:
 def encode_json(message: dict[str, Any]) -> bytes:
     """Compact, key-sorted UTF-8 JSON: the bytes that go on the wire (and get signed)."""
     return json.dumps(message, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+
+
+__all__ = [
+    "DEFAULT_MAX_CHUNK_BYTES",
+    "DEVICE_ID",
+    "MAX_JSON_BYTES",
+    "MODEL_NAME",
+    "REPORT_SCHEMAS",
+    "SCHEMA_CHUNK",
+    "SCHEMA_CHUNK_ERROR",
+    "SCHEMA_CHUNK_REQUEST",
+    "SCHEMA_DEPLOYMENT",
+    "SCHEMA_VERSION",
+    "SHA256_HEX",
+]

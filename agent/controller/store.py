@@ -30,8 +30,9 @@ from typing import Any, Final
 
 from agent.controller.protocol import SCHEMA_VERSION, SHA256_HEX, encode_json, is_model_name
 from agent.errors import AgentError
+from agent.fleet.deployment import check_file_path
 from agent.signing.keys import TrustStore
-from agent.signing.oms import SIGNATURE_FILENAME, check_resource_name
+from agent.signing.oms import SIGNATURE_FILENAME
 from agent.signing.version_dir import verify_version
 
 MANIFEST_SCHEMA: Final = "edge.model_manifest"
@@ -138,7 +139,8 @@ def _stored_file(data: Any) -> StoredFile:
 def check_model_version(name: str, version: int) -> None:
     if not is_model_name(name):
         raise StoreError(
-            f"model name {name!r}: 1-64 letters, digits, '_', '.' or '-', not starting with '.'"
+            f"model name {name!r}: 1-128 letters, digits, '_', '.' or '-' "
+            "(not starting with '.' or '-', no '..')"
         )
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version < 2**53:
         raise StoreError(f"model version {version!r}: a positive integer")
@@ -286,7 +288,7 @@ class ArtifactStore:
         verified = verify_version(version_dir, trust)
         files: list[StoredFile] = []
         for rel in sorted(verified.manifest):
-            check_resource_name(rel)
+            check_file_path(rel, f"{version_dir}/{rel}")  # what a device accepts
             stored = self._copy_into_blobs(version_dir / rel, verified.manifest[rel])
             files.append(StoredFile(rel, stored.sha256, stored.size))
         signature = self._copy_into_blobs(version_dir / SIGNATURE_FILENAME, None)
