@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -368,7 +369,9 @@ def test_window_statistics_are_bounded_and_chunking_invariant(
     ks = ks_binned(ref, whole)
     assert 0.0 <= ks <= 1.0 + 1e-12
     assert wasserstein_binned(ref, whole) >= 0.0
-    exact = float(ks_2samp(ref_data, live, method="asymp").statistic)  # same statistic
+    with warnings.catch_warnings():  # scipy's p-value for tiny samples; the statistic is fine
+        warnings.simplefilter("ignore", RuntimeWarning)
+        exact = float(ks_2samp(ref_data, live).statistic)
     assert abs(ks - exact) <= ks_binning_bound(
         ref, whole
     ) + 1e-9
