@@ -16,6 +16,8 @@ concatenation and output serialisation all happen on worker threads.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import threading
 import time
 from collections import deque
@@ -174,16 +176,30 @@ class DirectScheduler(Scheduler):
                 f"model '{self.spec.name}' has {self.in_flight} requests queued or running "
                 f"(limit {self._limit})"
             )
+        loop = asyncio.get_running_loop()
         self._begin()
         try:
-            loop = asyncio.get_running_loop()
-            done: Completed = await loop.run_in_executor(
-                self.executor, self._run_one, decoded, deadline, _perf_ns()
-            )
-        finally:
+            work = self.executor.submit(self._run_one, decoded, deadline, _perf_ns())
+        except BaseException:  # the executor is shut down (the version was retired)
             self._end()
-        self.stats.record_execution(done.timings)
-        return done
+            raise
+        # Book-keeping follows the worker, not the caller: a caller that goes away
+        # (client cancelled, deadline) while its run is under way must neither free
+        # the slot early nor leave the run uncounted. Added before wrap_future so
+        # the statistics are updated before the caller resumes.
+        work.add_done_callback(lambda w: self._worker_done(loop, w))
+        return await asyncio.wrap_future(work, loop=loop)
+
+    def _worker_done(
+        self, loop: asyncio.AbstractEventLoop, work: concurrent.futures.Future[Completed]
+    ) -> None:
+        with contextlib.suppress(RuntimeError):  # RuntimeError: the loop has closed
+            loop.call_soon_threadsafe(self._run_finished, work)
+
+    def _run_finished(self, work: concurrent.futures.Future[Completed]) -> None:
+        self._end()
+        if not work.cancelled() and work.exception() is None:
+            self.stats.record_execution(work.result().timings)
 
 
 @dataclass(slots=True)

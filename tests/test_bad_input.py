@@ -363,7 +363,7 @@ def test_enormous_dimensions_are_rejected_without_allocating(
         elapsed = time.monotonic() - started
         assert status == "StatusCode.INVALID_ARGUMENT", message
         assert_names(message, names)
-        assert elapsed < 2.0, f"rejecting {list(request.inputs[0].shape)} took {elapsed:.2f}s"
+        assert elapsed < 5.0, f"rejecting {list(request.inputs[0].shape)} took {elapsed:.2f}s"
     grown = rss_bytes(agent.pid) - rss_before
     assert grown < 64 * 2**20, f"server RSS grew by {grown / 2**20:.0f} MiB on rejected requests"
 
