@@ -400,6 +400,31 @@ def test_request_whose_deadline_passes_in_the_queue_is_never_run(
     assert now.fail - before.fail == 1
 
 
+def test_run_abandoned_mid_way_is_still_counted(agent: AgentProcess, slow: SlowModel) -> None:
+    # The deadline passes while the request is already running: onnxruntime cannot be
+    # interrupted, so the run completes and is counted as an execution, while the
+    # request itself is a failure (its client has gone).
+    before = stats(agent, "slow_serial")
+
+    async def run() -> tuple[str, str]:
+        client = aioclient.InferenceServerClient(agent.address)
+        try:
+            late = await slow_infer(
+                client, "slow_serial", 1, 3.0, client_timeout=slow.run_ms / 1000 / 3
+            )
+            after = await slow_infer(client, "slow_serial", 1, 4.0)
+            return late, after
+        finally:
+            await client.close()
+
+    late, after = asyncio.run(run())
+    assert (late, after) == ("StatusCode.DEADLINE_EXCEEDED", "OK")
+    now = stats(agent, "slow_serial")
+    assert now.execution_count - before.execution_count == 2
+    assert now.inference_count - before.inference_count == 1
+    assert (now.success - before.success, now.fail - before.fail) == (1, 1)
+
+
 # -- parallel instances ---------------------------------------------------------------
 
 
