@@ -28,6 +28,7 @@ from agent.logs import configure_logging
 from agent.model_manager import UNAVAILABLE, LoadSettings, ModelManager, ModelReader
 from agent.onnx_runtime import SessionOptions
 from agent.systemd import Notifier
+from agent.telemetry.publisher import TelemetryService
 from agent.watchdog import Run, Watchdog, start_watchdog
 
 log = logging.getLogger("agent")
@@ -134,10 +135,22 @@ class Agent:
             default_instance_count=config.runtime.default_instance_count,
             default_max_queue_size=config.runtime.default_max_queue_size,
         )
+        reader = make_reader(config)
         self.models = ModelManager(
-            Path(config.repository.path), make_reader(config), settings, self._models_changed
+            Path(config.repository.path), reader, settings, self._models_changed
         )
         self.plane = DataPlane(self.models, config.repository.model_control == "explicit")
+        # Health and drift telemetry (Prometheus, and MQTT when the fleet plane is on).
+        # Its stop hook is registered first: the flush runs before MQTT says offline.
+        self.telemetry = TelemetryService(
+            config.telemetry,
+            self.models,
+            reader,
+            Path(config.state.dir),
+            lambda name, version: self.models.root / name / version,
+        )
+        self.plane.observe = self.telemetry.tap
+        self.add_stop_hook("telemetry: final report and flush", self.telemetry.stop)
         self.health = HealthReporter(self.plane)
         self._server: Any = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -211,7 +224,14 @@ class Agent:
         )
         self._notifier.notify("READY=1", "STATUS=" + self._status_text())
         self._started.set()
+        await self._start_telemetry()
         return self.bound
+
+    async def _start_telemetry(self) -> None:
+        try:
+            await self.telemetry.start()
+        except Exception:  # telemetry must never stop predictions from being served
+            log.exception("telemetry not started")
 
     def request_reload(self) -> None:
         self._spawn(self.reload())

@@ -60,15 +60,26 @@ def queue_depth(model: ServingModel) -> int:
     return max(0, model.scheduler.in_flight - model.spec.instance_count)
 
 
-def snapshot_models(models: ModelManager) -> list[ModelSnapshot]:
-    """Copy every serving version's counters (call on the event-loop thread)."""
+def snapshot_models(
+    models: ModelManager,
+    serving: Iterable[ServingModel] | None = None,
+    active_keys: set[tuple[str, str]] | None = None,
+) -> list[ModelSnapshot]:
+    """Copy the counters of ``serving`` (default: every serving version) on the loop thread.
+
+    ``active_keys`` says which versions are active when the manager no longer
+    knows (the final report, after the versions were released on shutdown).
+    """
     out: list[ModelSnapshot] = []
-    for m in models.serving():
+    for m in models.serving() if serving is None else serving:
         s = m.stats
-        try:
-            active = models.resolve(m.spec.name) is m
-        except Exception:  # the name is not ready: nothing is active for it
-            active = False
+        if active_keys is not None:
+            active = (m.spec.name, m.spec.version) in active_keys
+        else:
+            try:
+                active = models.resolve(m.spec.name) is m
+            except Exception:  # the name is not ready: nothing is active for it
+                active = False
         out.append(
             ModelSnapshot(
                 name=m.spec.name,

@@ -53,7 +53,7 @@ from agent.telemetry.profile_io import PROFILE_FILENAME, parse_profile
 
 if TYPE_CHECKING:
     from agent.config import TelemetryConfig
-    from agent.model_manager import ModelManager, ModelReader
+    from agent.model_manager import ModelManager, ModelReader, ServingModel
     from agent.mqtt_client import MqttClient
 
 log = logging.getLogger("agent.telemetry")
@@ -94,6 +94,7 @@ class MqttTarget:
 @dataclass(slots=True)
 class _State:
     last_health: dict[tuple[str, str], ModelSnapshot] = field(default_factory=dict)
+    last_serving: list[ServingModel] = field(default_factory=list)
     last_health_at: float | None = None
     drift_status: dict[VersionKey, str] = field(default_factory=dict)
     last_drift: dict[tuple[str, str], WindowResult] = field(default_factory=dict)
@@ -236,12 +237,18 @@ class TelemetryService:
                 log.exception("telemetry job failed")
 
     async def queue_health(self) -> None:
-        snaps = snapshot_models(self.models)  # on the loop: the only writer of ModelStats
+        serving = self.models.serving()
+        st = self._state
+        if serving or not self._stopping:
+            snaps = snapshot_models(self.models, serving)  # on the loop: ModelStats' writer
+            st.last_serving = serving
+        else:  # the final report, after shutdown released the versions: their last counts
+            active = {k for k, s in st.last_health.items() if s.active}
+            snaps = snapshot_models(self.models, st.last_serving, active)
         host, process = await asyncio.to_thread(
             lambda: (self.host.host(), self.host.process_info())
         )
         now = time.time()
-        st = self._state
         interval = None if st.last_health_at is None else now - st.last_health_at
         body: dict[str, Any] = {
             "agent": {
@@ -404,12 +411,13 @@ class TelemetryService:
         return len(entries)
 
     async def flush(self) -> None:
-        """Publish until the outbox is empty (used on stop; bounded by the caller)."""
+        """Publish until the outbox is empty or the broker is away (used on stop;
+        bounded by the caller). What is left waits in the outbox for the next start."""
         if self.mqtt is None or self.outbox is None:
             return
-        while self.outbox.count:
-            await self.mqtt.client.connected.wait()
-            await self._send_batch()
+        while self.outbox.count and self.mqtt.client.connected.is_set():
+            if not await self._send_batch():
+                break
 
     # -- metrics ----------------------------------------------------------------------------
 
