@@ -103,6 +103,7 @@ class MqttClient:
         self._lock = threading.Lock()
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._early: dict[int, Exception | None] = {}  # acks that beat their registration
+        self._unwaited: set[int] = set()  # mids published without waiting for the ack
         self._subscriptions: dict[str, int] = {}
         self._connect_hooks: list[ConnectHook] = []
         self.messages: asyncio.Queue[Message] = asyncio.Queue()
@@ -171,13 +172,18 @@ class MqttClient:
             if user_properties:
                 props.UserProperty = list(user_properties.items())
         future = self._loop_or_fail().create_future()
+        # Not under self._lock: paho calls on_publish holding its own message lock,
+        # and _ack then takes ours; holding ours here while paho takes its lock
+        # would deadlock (lock-order inversion). Acks that win the race land in _early.
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         with self._lock:
-            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-            if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-                raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
-            if qos == 0 or not wait_ack:
-                return
             early = self._early.pop(info.mid, _MISSING)
+            if qos == 0 or not wait_ack:
+                if early is _MISSING and not (qos == 0 and info.rc == paho.MQTT_ERR_NO_CONN):
+                    self._unwaited.add(info.mid)
+                return
             if early is _MISSING:
                 self._pending[info.mid] = future
         if early is not _MISSING:
@@ -194,10 +200,10 @@ class MqttClient:
 
     async def _subscribe_now(self, topic_filter: str, qos: int) -> None:
         future = self._loop_or_fail().create_future()
+        rc, mid = self._client.subscribe(topic_filter, qos=qos)  # not under self._lock
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise MqttError(f"subscribe {topic_filter} failed: {paho.error_string(rc)}")
         with self._lock:
-            rc, mid = self._client.subscribe(topic_filter, qos=qos)
-            if rc != paho.MQTT_ERR_SUCCESS or mid is None:
-                raise MqttError(f"subscribe {topic_filter} failed: {paho.error_string(rc)}")
             early = self._early.pop(mid, _MISSING)
             if early is _MISSING:
                 self._pending[mid] = future
@@ -278,7 +284,10 @@ class MqttClient:
         with self._lock:
             future = self._pending.pop(mid, None)
             if future is None:
-                self._early[mid] = error
+                if mid in self._unwaited:
+                    self._unwaited.discard(mid)
+                else:
+                    self._early[mid] = error
                 return
         self._call(_settle, future, error)
 
