@@ -23,10 +23,14 @@ from agent.config import (
 )
 from agent.dataplane import DataPlane
 from agent.errors import AgentError, ConfigError
+from agent.fleet.updater import Updater, UpdaterSettings, mqtt_settings
 from agent.grpc_server import HealthReporter, TlsFiles, build_server
 from agent.logs import configure_logging
 from agent.model_manager import UNAVAILABLE, LoadSettings, ModelManager, ModelReader
+from agent.mqtt_client import MqttClient
 from agent.onnx_runtime import SessionOptions
+from agent.signing.loader import signed_reader
+from agent.state_store import StateStore
 from agent.systemd import Notifier
 from agent.telemetry.publisher import TelemetryService
 from agent.watchdog import Run, Watchdog, start_watchdog
@@ -67,8 +71,6 @@ def make_reader(config: AgentConfig) -> ModelReader:
             extra={"key": "signing.allow_unsigned_models"},
         )
         return unsigned_reader
-    from agent.signing.loader import signed_reader  # wired when signing is configured
-
     return signed_reader(Path(config.signing.trust_dir))
 
 
@@ -151,6 +153,11 @@ class Agent:
         )
         self.plane.observe = self.telemetry.tap
         self.add_stop_hook("telemetry: final report and flush", self.telemetry.stop)
+        # Fleet updates: the state (pins) applies even with MQTT off; the MQTT side
+        # starts after serving does, and never holds serving up.
+        self.updater = Updater(
+            UpdaterSettings.from_config(config), self.models, StateStore(Path(config.state.dir))
+        )
         self.health = HealthReporter(self.plane)
         self._server: Any = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -194,6 +201,7 @@ class Agent:
         self._notifier.status(f"loading models from {cfg.repository.path}")
         explicit = cfg.repository.model_control == "explicit"
         startup = list(cfg.repository.startup_models) if explicit else None
+        self.models.set_pins(await asyncio.to_thread(self.updater.prepare, cfg.mqtt.enabled))
         await self.models.sync_repository(startup or None)
         addresses = [a for a in (cfg.server.address,) if a]
         if cfg.server.unix_socket:
@@ -224,10 +232,31 @@ class Agent:
         )
         self._notifier.notify("READY=1", "STATUS=" + self._status_text())
         self._started.set()
+        if cfg.mqtt.enabled:
+            await self._start_fleet()
         await self._start_telemetry()
         return self.bound
 
+    async def _start_fleet(self) -> None:
+        """Connect to the broker in the background; a broker that is away is retried."""
+        device = self.updater.settings.device_id
+        try:
+            client = MqttClient(mqtt_settings(self.config, device), self.updater.will())
+        except (OSError, ValueError) as exc:  # TLS files unreadable or unusable
+            log.error("fleet updates off: cannot set up MQTT (check the mqtt.tls_* keys)",
+                      extra={"reason": str(exc)})
+            return
+        await self.updater.start(client)
+        self.add_stop_hook("fleet: offline state", self.updater.stop)
+        log.info("fleet updates on",
+                 extra={"device": device, "broker": f"{self.config.mqtt.host}:"
+                                                    f"{self.config.mqtt.port}"})
+
     async def _start_telemetry(self) -> None:
+        client = self.updater.client  # the agent's one MQTT connection (fleet plane)
+        if client is not None:
+            s = self.updater.settings
+            self.telemetry.attach_mqtt(client, s.prefix, s.device_id)
         try:
             await self.telemetry.start()
         except Exception:  # telemetry must never stop predictions from being served

@@ -1,0 +1,569 @@
+"""Resumable, windowed, chunked download of a deployment's files.
+
+Files are content-addressed (requested by SHA-256). Each one is assembled in
+``<state>/downloads/<sha256>.part``, a file of exactly the declared size that
+chunks are written into at their offsets; ``<sha256>.ranges`` records which
+byte ranges are on disk *and fsynced* (the data is synced before the record
+that claims it), so after a disconnect, a controller restart or an agent crash
+the download continues with the ranges still missing. A finished file is
+hashed as a whole; only if its SHA-256 is the declared one is it renamed to its
+destination (in the staging directory).
+
+Fetching is an interface (:class:`ChunkFetcher`); :class:`MqttChunkFetcher` is
+the protocol of docs/fleet-protocol.md: a request on
+``{p}/artifacts/request/{d}`` with MQTT v5 response topic and correlation data,
+the answer on ``{p}/devices/{d}/artifacts``. A response is only accepted for an
+outstanding request whose correlation data, digest, offset *and length* it
+matches exactly, so nothing beyond the declared size is ever written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from agent.errors import AgentError
+from agent.fleet.deployment import DeploymentFile, DigestMismatchError, load_strict_json
+from agent.mqtt_client import Message, MqttClient
+from agent.state_store import fsync_dir, write_atomically
+
+log = logging.getLogger("agent.fleet.download")
+
+CHUNK_SCHEMA: Final = "edge.chunk"
+CHUNK_ERROR_SCHEMA: Final = "edge.chunk_error"
+CHUNK_REQUEST_SCHEMA: Final = "edge.chunk_request"
+RANGES_SCHEMA: Final = "edge.partial_download"
+MAX_JSON_BYTES: Final = 64 * 1024
+CHECKPOINT_EVERY_S: Final = 0.5
+HASH_BLOCK: Final = 1024 * 1024
+
+
+class DownloadError(AgentError):
+    code = "download_failed"
+
+
+class ChunkTimeoutError(DownloadError):
+    """No (valid) answer in time, as many times as allowed."""
+
+    code = "download_timed_out"
+
+
+class ArtifactNotFoundError(DownloadError):
+    code = "artifact_not_found"
+
+
+class ChunkInvalidError(DownloadError):
+    """An answer that does not match its request (size, digest, offset) or is refused."""
+
+    code = "chunk_invalid"
+
+
+class StorageError(DownloadError):
+    code = "storage_failed"
+
+
+# --------------------------------------------------------------------------- byte ranges
+
+
+class RangeSet:
+    """A set of half-open byte ranges ``[start, end)``, kept merged and sorted."""
+
+    def __init__(self, ranges: Iterable[tuple[int, int]] = ()) -> None:
+        self._ranges: list[tuple[int, int]] = []
+        for start, end in ranges:
+            self.add(start, end)
+
+    def add(self, start: int, end: int) -> None:
+        if end <= start:
+            return
+        merged: list[tuple[int, int]] = []
+        placed = False
+        for a, b in self._ranges:
+            if b < start:
+                merged.append((a, b))
+            elif end < a:
+                if not placed:
+                    merged.append((start, end))
+                    placed = True
+                merged.append((a, b))
+            else:
+                start, end = min(a, start), max(b, end)
+        if not placed:
+            merged.append((start, end))
+        merged.sort()
+        self._ranges = merged
+
+    def update(self, other: RangeSet) -> None:
+        for start, end in other.ranges:
+            self.add(start, end)
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        return tuple(self._ranges)
+
+    def total(self) -> int:
+        return sum(b - a for a, b in self._ranges)
+
+    def covers(self, start: int, end: int) -> bool:
+        return any(a <= start and end <= b for a, b in self._ranges)
+
+    def missing(self, size: int, chunk: int) -> list[tuple[int, int]]:
+        """``(offset, length)`` requests, at most ``chunk`` long, for what ``[0, size)`` lacks."""
+        gaps: list[tuple[int, int]] = []
+        cursor = 0
+        for a, b in [*self._ranges, (size, size)]:
+            if a > cursor:
+                gaps.append((cursor, min(a, size)))
+            cursor = max(cursor, b)
+            if cursor >= size:
+                break
+        requests = []
+        for start, end in gaps:
+            for offset in range(start, end, chunk):
+                requests.append((offset, min(chunk, end - offset)))
+        return requests
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RangeSet) and self._ranges == other._ranges
+
+    def __repr__(self) -> str:
+        return f"RangeSet({self._ranges!r})"
+
+
+# --------------------------------------------------------------------------- partial files
+
+
+class PartialFile:
+    """``<dir>/<sha256>.part`` (the bytes) and ``<sha256>.ranges`` (what is durable)."""
+
+    def __init__(self, directory: Path, artifact: DeploymentFile) -> None:
+        self.artifact = artifact
+        self.part = directory / f"{artifact.sha256}.part"
+        self.ranges_path = directory / f"{artifact.sha256}.ranges"
+        self.durable = RangeSet()
+        self.written = RangeSet()  # includes chunks not yet fsynced
+        self._fd = -1
+        self._last_checkpoint = time.monotonic()
+        self._checkpointing: asyncio.Lock | None = None
+
+    def open(self) -> None:
+        size = self.artifact.size
+        self.durable = self._read_ranges()
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        self._fd = os.open(self.part, flags, 0o600)
+        if os.fstat(self._fd).st_size != size:
+            if self.durable.total():
+                log.warning("partial file has the wrong size; starting over",
+                            extra={"sha256": self.artifact.sha256})
+            self.durable = RangeSet()
+            os.ftruncate(self._fd, 0)
+            os.ftruncate(self._fd, size)  # sparse: never more than the declared size
+        self.written = RangeSet(self.durable.ranges)
+        self._checkpointing = asyncio.Lock()
+
+    def _read_ranges(self) -> RangeSet:
+        try:
+            data = self.ranges_path.read_bytes()
+        except FileNotFoundError:
+            return RangeSet()
+        try:
+            doc = json.loads(data)
+            if (
+                doc["schema"] != RANGES_SCHEMA
+                or doc["sha256"] != self.artifact.sha256
+                or doc["size"] != self.artifact.size
+            ):
+                raise ValueError("for another file")
+            ranges = RangeSet(
+                (int(a), int(b)) for a, b in doc["done"] if 0 <= int(a) < int(b) <= doc["size"]
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("unusable ranges file; starting the file over",
+                        extra={"path": str(self.ranges_path), "reason": str(exc)})
+            return RangeSet()
+        return ranges
+
+    def missing(self, chunk: int) -> list[tuple[int, int]]:
+        return self.written.missing(self.artifact.size, chunk)
+
+    @property
+    def complete(self) -> bool:
+        return self.written.total() == self.artifact.size
+
+    def write(self, offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        if offset < 0 or end > self.artifact.size:  # never past the declared size
+            raise ChunkInvalidError(f"chunk [{offset}, {end}) is outside the declared size")
+        view = memoryview(data)
+        position = offset
+        while view:
+            count = os.pwrite(self._fd, view, position)
+            view = view[count:]
+            position += count
+        self.written.add(offset, end)
+
+    async def checkpoint(self, force: bool = False) -> None:
+        """fsync the data, then record the ranges that are now durable."""
+        if not force and time.monotonic() - self._last_checkpoint < CHECKPOINT_EVERY_S:
+            return
+        assert self._checkpointing is not None
+        async with self._checkpointing:
+            self._last_checkpoint = time.monotonic()
+            snapshot = RangeSet(self.written.ranges)
+            if snapshot == self.durable:
+                return
+            await asyncio.to_thread(os.fsync, self._fd)
+            doc = {
+                "schema": RANGES_SCHEMA,
+                "version": 1,
+                "sha256": self.artifact.sha256,
+                "size": self.artifact.size,
+                "done": [list(r) for r in snapshot.ranges],
+            }
+            data = json.dumps(doc, separators=(",", ":")).encode()
+            await asyncio.to_thread(write_atomically, self.ranges_path, data)
+            self.durable = snapshot
+
+    def finish(self, destinations: Sequence[Path]) -> None:
+        """Blocking: hash, fsync, move to the first destination, copy to the others."""
+        digest = hashlib.sha256()
+        with open(self._fd, "rb", buffering=0, closefd=False) as handle:
+            handle.seek(0)
+            while block := handle.read(HASH_BLOCK):
+                digest.update(block)
+        if digest.hexdigest() != self.artifact.sha256:
+            self.discard()
+            raise DigestMismatchError(
+                f"{self.artifact.path}: downloaded content has SHA-256 {digest.hexdigest()}, "
+                f"the deployment declares {self.artifact.sha256}"
+            )
+        os.fsync(self._fd)
+        self.close()
+        first = destinations[0]
+        first.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.part, first)
+        fsync_dir(first.parent)
+        for other in destinations[1:]:
+            other.parent.mkdir(parents=True, exist_ok=True)
+            copy_durably(first, other)
+        self.ranges_path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def discard(self) -> None:
+        self.close()
+        self.part.unlink(missing_ok=True)
+        self.ranges_path.unlink(missing_ok=True)
+
+
+def copy_durably(source: Path, target: Path) -> None:
+    temp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        shutil.copyfile(source, temp, follow_symlinks=False)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+        fsync_dir(target.parent)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def file_matches(path: Path, artifact: DeploymentFile) -> bool:
+    """True if ``path`` is a regular file with the artifact's size and SHA-256."""
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            if os.fstat(handle.fileno()).st_size != artifact.size or path.is_symlink():
+                return False
+            digest = hashlib.sha256()
+            while block := handle.read(HASH_BLOCK):
+                digest.update(block)
+    except OSError:
+        return False
+    return digest.hexdigest() == artifact.sha256
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+class ChunkFetcher(Protocol):
+    async def fetch(self, sha256: str, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes of artifact ``sha256`` from ``offset``, or raise.
+
+        ChunkTimeoutError: no answer in time (worth retrying); ArtifactNotFoundError,
+        ChunkInvalidError: the answer was a refusal or did not match the request.
+        """
+        ...
+
+    async def wait_online(self) -> None:
+        """Return when requests can be sent (the broker connection is up)."""
+        ...
+
+    def online(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    future: asyncio.Future[bytes]
+    sha256: str
+    offset: int
+    length: int
+
+
+class MqttChunkFetcher:
+    """The chunk protocol of docs/fleet-protocol.md over the agent's MQTT client."""
+
+    def __init__(
+        self, client: MqttClient, prefix: str, device: str, timeout_s: float
+    ) -> None:
+        self.client = client
+        self.device = device
+        self.request_topic = f"{prefix}/artifacts/request/{device}"
+        self.response_topic = f"{prefix}/devices/{device}/artifacts"
+        self.timeout_s = timeout_s
+        self._outstanding: dict[bytes, _Outstanding] = {}
+        self.stale = 0  # answers to requests no longer outstanding (late or duplicate)
+
+    async def wait_online(self) -> None:
+        await self.client.connected.wait()
+
+    def online(self) -> bool:
+        return self.client.connected.is_set()
+
+    async def fetch(self, sha256: str, offset: int, length: int) -> bytes:
+        correlation = secrets.token_bytes(16)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._outstanding[correlation] = _Outstanding(future, sha256, offset, length)
+        request = {
+            "schema": CHUNK_REQUEST_SCHEMA,
+            "version": 1,
+            "device": self.device,
+            "sha256": sha256,
+            "offset": offset,
+            "length": length,
+        }
+        try:
+            await self.client.publish(
+                self.request_topic,
+                json.dumps(request, separators=(",", ":")).encode(),
+                qos=1,
+                response_topic=self.response_topic,
+                correlation_data=correlation,
+                wait_ack=False,
+            )
+            return await asyncio.wait_for(future, self.timeout_s)
+        except TimeoutError:
+            raise ChunkTimeoutError(
+                f"no answer for {sha256[:12]}@{offset} in {self.timeout_s}s"
+            ) from None
+        finally:
+            self._outstanding.pop(correlation, None)
+
+    def handle(self, message: Message) -> None:
+        """An answer on the artifacts topic (called by the updater's message loop)."""
+        entry = self._outstanding.get(message.correlation_data or b"")
+        if entry is None or entry.future.done():
+            self.stale += 1
+            return
+        props = message.user_properties
+        schema = props.get("schema")
+        if schema == CHUNK_SCHEMA:
+            problem = ""
+            if props.get("version") != "1":
+                problem = f"chunk version {props.get('version')!r}"
+            elif props.get("sha256") != entry.sha256 or props.get("offset") != str(entry.offset):
+                problem = (
+                    f"answer for {props.get('sha256', '?')[:12]}@{props.get('offset')} to a "
+                    f"request for {entry.sha256[:12]}@{entry.offset}"
+                )
+            elif len(message.payload) != entry.length:
+                problem = (
+                    f"{len(message.payload)} bytes for a request of {entry.length} "
+                    f"({entry.sha256[:12]}@{entry.offset})"
+                )
+            if problem:
+                entry.future.set_exception(ChunkInvalidError(f"chunk refused: {problem}"))
+            else:
+                entry.future.set_result(message.payload)
+            return
+        if schema == CHUNK_ERROR_SCHEMA and len(message.payload) <= MAX_JSON_BYTES:
+            try:
+                doc = load_strict_json(message.payload, "chunk error")
+                code = str(doc.get("code", "")) if isinstance(doc, dict) else ""
+                text = str(doc.get("message", ""))[:300] if isinstance(doc, dict) else ""
+            except AgentError:
+                code, text = "", "unparsable chunk error"
+            error: DownloadError = (
+                ArtifactNotFoundError(f"controller: {text or 'artifact not found'}")
+                if code == "not_found"
+                else ChunkInvalidError(f"controller refused the request ({code}): {text}")
+            )
+            entry.future.set_exception(error)
+            return
+        entry.future.set_exception(
+            ChunkInvalidError(f"answer with unknown schema {str(schema)[:60]!r}")
+        )
+
+
+# --------------------------------------------------------------------------- the download
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadSettings:
+    chunk_bytes: int = 256 * 1024
+    window: int = 8
+    retries: int = 8  # per chunk, counted only while online
+    retry_backoff_s: float = 0.2
+
+
+ProgressCallback = Callable[[int, int], None]  # (bytes on disk, total)
+
+
+class Downloader:
+    """Downloads a set of artifacts into their destinations, resuming from ``directory``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        fetcher: ChunkFetcher,
+        settings: DownloadSettings,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
+        self.directory = directory
+        self.fetcher = fetcher
+        self.settings = settings
+        self.on_progress = on_progress
+        self.requests = 0  # chunk requests sent (for tests and benchmarks)
+
+    async def download(self, targets: Sequence[tuple[DeploymentFile, Path]]) -> None:
+        """Make every destination hold its artifact (verified by SHA-256)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        by_sha: dict[str, list[tuple[DeploymentFile, Path]]] = {}
+        for artifact, dest in targets:
+            by_sha.setdefault(artifact.sha256, []).append((artifact, dest))
+        total = sum(entries[0][0].size for entries in by_sha.values())
+        partials: list[PartialFile] = []
+        done_bytes = 0
+        for entries in by_sha.values():
+            artifact = entries[0][0]
+            dests = [d for _, d in entries]
+            present = await asyncio.to_thread(_present, dests, artifact)
+            if all(present):
+                done_bytes += artifact.size
+                continue
+            if any(present):  # one copy made it before a crash: copy it to the others
+                source = dests[present.index(True)]
+                for dest, ok in zip(dests, present, strict=True):
+                    if not ok:
+                        await asyncio.to_thread(copy_durably, source, dest)
+                done_bytes += artifact.size
+                continue
+            partial = PartialFile(self.directory, artifact)
+            try:
+                await asyncio.to_thread(partial.open)
+            except OSError as exc:
+                raise StorageError(f"cannot open {partial.part}: {exc.strerror}") from exc
+            partials.append(partial)
+        try:
+            self._progress(done_bytes + sum(p.written.total() for p in partials), total)
+            await self._fetch_all(partials, done_bytes, total)
+            for partial in partials:
+                dests = [d for _, d in by_sha[partial.artifact.sha256]]
+                try:
+                    await asyncio.to_thread(partial.finish, dests)
+                except OSError as exc:
+                    raise StorageError(f"cannot store {partial.artifact.path}: {exc}") from exc
+        finally:
+            for partial in partials:
+                partial.close()
+
+    def _progress(self, done: int, total: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(done, total)
+
+    async def _fetch_all(self, partials: list[PartialFile], done_bytes: int, total: int) -> None:
+        queue: deque[tuple[PartialFile, int, int]] = deque(
+            (p, offset, length) for p in partials for offset, length in
+            p.missing(self.settings.chunk_bytes)
+        )
+        if not queue:
+            return
+
+        async def worker() -> None:
+            while queue:
+                partial, offset, length = queue.popleft()
+                data = await self._fetch_with_retries(partial.artifact, offset, length)
+                try:
+                    partial.write(offset, data)
+                    await partial.checkpoint()
+                except OSError as exc:
+                    raise StorageError(f"cannot write {partial.part}: {exc.strerror}") from exc
+                self._progress(done_bytes + sum(p.written.total() for p in partials), total)
+
+        workers = [
+            asyncio.create_task(worker()) for _ in range(min(self.settings.window, len(queue)))
+        ]
+        try:
+            await _gather_or_fail(workers)
+        finally:
+            for partial in partials:
+                with contextlib.suppress(OSError):
+                    await asyncio.shield(partial.checkpoint(force=True))
+
+    async def _fetch_with_retries(
+        self, artifact: DeploymentFile, offset: int, length: int
+    ) -> bytes:
+        failures = 0
+        while True:
+            await self.fetcher.wait_online()
+            self.requests += 1
+            try:
+                return await self.fetcher.fetch(artifact.sha256, offset, length)
+            except (ChunkTimeoutError, ChunkInvalidError, ArtifactNotFoundError) as exc:
+                if not self.fetcher.online() and isinstance(exc, ChunkTimeoutError):
+                    continue  # lost in a disconnect: does not count
+                failures += 1
+                if failures > self.settings.retries:
+                    raise
+                log.info(
+                    "chunk retry",
+                    extra={"path": artifact.path, "offset": offset, "attempt": failures,
+                           "reason": str(exc)},
+                )
+                await asyncio.sleep(min(self.settings.retry_backoff_s * failures, 2.0))
+
+
+def _present(paths: Sequence[Path], artifact: DeploymentFile) -> list[bool]:
+    return [file_matches(path, artifact) for path in paths]
+
+
+async def _gather_or_fail(tasks: list[asyncio.Task[Any]]) -> None:
+    """Wait for all; on the first failure cancel the rest and raise it."""
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except asyncio.CancelledError:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
