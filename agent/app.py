@@ -124,7 +124,7 @@ class Agent:
         self._started = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._watchdog: Watchdog | None = None
-        # Telemetry flush and the MQTT offline state register here (neither exists yet).
+        # Run on SIGTERM after the drain, in order (add_stop_hook).
         self.stop_hooks: list[StopHook] = []
         self.bound: list[str] = []
         settings = LoadSettings(

@@ -59,6 +59,7 @@ def _config(tmp: Path, repo: Path, **server: Any) -> dict[str, dict[str, Any]]:
         "signing": {"allow_unsigned_models": True},  # until the signing work lands
         # One thread per run: concurrent runs share the CPUs without spinning.
         "runtime": {"intra_op_threads": 1},
+        "telemetry": {"prometheus_address": ""},  # no fixed port shared between agents
     }
 
 
