@@ -191,7 +191,8 @@ class Agent:
     async def start(self) -> list[str]:
         started = time.monotonic()
         cfg = self.config
-        # Pings start now: model loading runs on threads and leaves the loop free.
+        # systemd holds us to the watchdog only from READY=1 to STOPPING=1; pinging
+        # from here on is harmless (model loading runs on threads, not the loop).
         watchdog = start_watchdog(
             self._notifier, self._runs, cfg.server.stall_timeout_s, self._status_text
         )

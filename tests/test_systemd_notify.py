@@ -161,7 +161,7 @@ def test_ready_reload_stop_sequence(service_factory: Any) -> None:
     finally:
         agent.signal(signal.SIGCONT)
 
-    before_ready = notify.fields()[: len([f for _, m in notify.messages[:ready] for f in m])]
+    before_ready = [f for _, m in notify.messages[:ready] for f in m]
     assert any(s.startswith("loading models") for s in _status_fields(before_ready))
     assert "READY=1" not in before_ready
     ready_status = _status_fields(notify.messages[ready][1])
