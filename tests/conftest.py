@@ -22,7 +22,11 @@ def example_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentPro
     state = tmp_path_factory.mktemp("state")
     config = write_toml(
         tmp_path_factory.mktemp("cfg") / "agent.toml",
-        {"server": {"address": "127.0.0.1:0"}, "state": {"dir": str(state)}},
+        {
+            "server": {"address": "127.0.0.1:0"},
+            "state": {"dir": str(state)},
+            "telemetry": {"prometheus_address": ""},  # no fixed port shared between agents
+        },
     )
     agent = AgentProcess(config)
     try:
