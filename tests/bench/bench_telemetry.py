@@ -277,8 +277,11 @@ def bench_drift(repo: Path) -> None:
     for requests in (1, 64, 1024):
         feeds = [{"features": rng.normal(0, 1, (1, 8)).astype(np.float32)}
                  for _ in range(requests)]
-        outs: list[dict[str, Any]] = [{"probabilities": rng.dirichlet([1, 1, 1], 1).astype(np.float32),
-                 "label": rng.integers(0, 3, (1, 1))} for _ in range(requests)]
+        outs: list[dict[str, Any]] = [
+            {"probabilities": rng.dirichlet([1, 1, 1], 1).astype(np.float32),
+             "label": rng.integers(0, 3, (1, 1))}
+            for _ in range(requests)
+        ]
         window = DriftWindow(profile)
         reps = max(3, 2000 // requests)
         t0 = time.perf_counter()
