@@ -145,6 +145,10 @@ class Scheduler:
         with self._runs_lock:
             return min(self._runs_started.values(), default=None)
 
+    def queued(self) -> int:
+        """Requests waiting for a worker (health reports; one request per run here)."""
+        return max(0, self.in_flight - len(self._runs_started))
+
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait for requests in flight to finish; then release the workers."""
         try:
@@ -228,6 +232,9 @@ class DynamicBatcher(Scheduler):
         self._delay_s = spec.batching.max_queue_delay_us / 1e6
         self._timer: asyncio.TimerHandle | None = None
         self._default_timeout_s = spec.default_timeout_us / 1e6
+
+    def queued(self) -> int:
+        return len(self._queue)
 
     async def submit(self, decoded: DecodedRequest, deadline: float | None) -> Completed:
         if len(self._queue) >= self.spec.max_queue_size:

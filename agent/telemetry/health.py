@@ -52,14 +52,6 @@ class ModelSnapshot:
         return self.name, self.version, self.activated_at
 
 
-def queue_depth(model: ServingModel) -> int:
-    """Requests waiting for a worker (not yet in an onnxruntime run)."""
-    waiting = getattr(model.scheduler, "queued", None)  # the dynamic batcher's own count
-    if callable(waiting):
-        return int(waiting())
-    return max(0, model.scheduler.in_flight - model.spec.instance_count)
-
-
 def snapshot_models(
     models: ModelManager,
     serving: Iterable[ServingModel] | None = None,
@@ -96,7 +88,7 @@ def snapshot_models(
                 latency=tuple(s.latency),
                 batch_sizes={size: b.compute_infer.count for size, b in s.batches.copy().items()},
                 in_flight=m.scheduler.in_flight,
-                queue_depth=queue_depth(m),
+                queue_depth=m.scheduler.queued(),
                 last_inference_ms=s.last_inference_ms,
             )
         )
