@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+# An edge device must not phone home: onnxruntime builds may carry a telemetry client.
+ort.disable_telemetry_events()
+
 from agent.datatypes import NUMPY_DTYPES
 from agent.errors import ModelConfigError
 
