@@ -32,6 +32,7 @@ def controller_toml(
     deploy_key: Path | None = None,
     share_group: str = "edge-controllers",
     max_chunk_bytes: int | None = None,
+    max_bytes_per_s: int | None = None,
     client_id: str = "",
 ) -> Path:
     """A controller config for ``broker`` (TLS with the controller certificate if it has TLS)."""
@@ -48,6 +49,8 @@ def controller_toml(
     fleet: dict[str, Any] = {"prefix": broker.prefix, "share_group": share_group}
     if max_chunk_bytes is not None:
         fleet["max_chunk_bytes"] = max_chunk_bytes
+    if max_bytes_per_s is not None:
+        fleet["max_bytes_per_s"] = max_bytes_per_s
     config: dict[str, dict[str, Any]] = {
         "broker": broker_section,
         "fleet": fleet,

@@ -583,3 +583,26 @@ def test_download_survives_a_device_in_the_share_group(fleet: Fleet) -> None:
     with ControllerProcess(fleet.config).wait_serving():
         stats = _run(scenario())
     assert stats.retries > 0, "the rogue member should have swallowed some requests"
+
+
+def test_serve_limits_its_send_rate(fleet: Fleet, tmp_path: Path) -> None:
+    rate = 1_000_000
+    config = controller_toml(
+        tmp_path / "limited.toml",
+        fleet.broker,
+        fleet.store,
+        max_chunk_bytes=MAX_CHUNK,
+        max_bytes_per_s=rate,
+    )
+
+    async def scenario() -> float:
+        async with DeviceClient(device_settings(fleet.broker, "dev-a"), "dev-a") as dev:
+            started = time.monotonic()
+            data = await dev.download(fleet.model_sha, MODEL_BYTES, chunk=MAX_CHUNK, window=8)
+            assert data == fleet.model_bytes
+            return time.monotonic() - started
+
+    with ControllerProcess(config).wait_serving():
+        elapsed = _run(scenario())
+    # The first chunk goes out at once; the rest is spaced at the configured rate.
+    assert elapsed >= (MODEL_BYTES - MAX_CHUNK) / rate * 0.95, elapsed

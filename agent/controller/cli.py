@@ -34,6 +34,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         "prefix": ("fleet", "prefix"),
         "share_group": ("fleet", "share_group"),
         "max_chunk_bytes": ("fleet", "max_chunk_bytes"),
+        "max_bytes_per_s": ("fleet", "max_bytes_per_s"),
         "store": ("store", "dir"),
         "status_file": ("store", "status_file"),
         "key": ("deploy", "key"),
@@ -278,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.set_defaults(func=run_deploy)
 
     serve = sub.add_parser("serve", parents=[common], help="serve chunks and follow device status")
-    serve.add_argument("--max-chunk-bytes", type=int)
+    serve.add_argument("--max-chunk-bytes", type=int, help="largest chunk served (1 MiB)")
+    serve.add_argument("--max-bytes-per-s", type=int, help="send at most this (0: no limit)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", default="json", choices=["json", "logfmt"])
     serve.set_defaults(func=run_serve)

@@ -16,6 +16,7 @@ password = ""
 prefix = "edge"
 share_group = "edge-controllers"
 max_chunk_bytes = 1048576
+max_bytes_per_s = 0       # what one controller sends at most (0: no limit)
 
 [store]
 dir = "controller-store"
@@ -67,6 +68,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "prefix": "edge",
         "share_group": "edge-controllers",
         "max_chunk_bytes": DEFAULT_MAX_CHUNK_BYTES,
+        "max_bytes_per_s": 0,
     },
     "store": {"dir": "controller-store", "status_file": ""},
     "deploy": {"key": "", "passphrase_file": "", "expires_in_s": 7 * 24 * 3600, "probation_s": 60},
@@ -105,6 +107,7 @@ _SCHEMA: dict[str, Any] = {
             "properties": {
                 **_strings("prefix", "share_group"),
                 "max_chunk_bytes": {"type": "integer", "minimum": 1024, "maximum": 64 * 2**20},
+                "max_bytes_per_s": {"type": "integer", "minimum": 0},
             },
         },
         "store": {
@@ -136,6 +139,7 @@ class ControllerConfig:
     prefix: str
     share_group: str
     max_chunk_bytes: int
+    max_bytes_per_s: int
     store_dir: Path
     status_file: Path
     deploy_key: Path | None
@@ -214,6 +218,7 @@ def build_controller_config(
         prefix=fleet["prefix"],
         share_group=fleet["share_group"],
         max_chunk_bytes=fleet["max_chunk_bytes"],
+        max_bytes_per_s=fleet["max_bytes_per_s"],
         store_dir=store_dir,
         status_file=Path(status_file) if status_file else store_dir / "status.json",
         deploy_key=Path(deploy["key"]) if deploy["key"] else None,

@@ -178,6 +178,26 @@ class _BlobCache:
         self._open.clear()
 
 
+class RateLimiter:
+    """Spaces answers so this controller sends at most ``bytes_per_s`` (0: no limit).
+
+    Operators use it to keep fleet downloads from saturating a shared uplink.
+    """
+
+    def __init__(self, bytes_per_s: int) -> None:
+        self.bytes_per_s = bytes_per_s
+        self._next_free = 0.0
+
+    async def take(self, count: int) -> None:
+        if self.bytes_per_s <= 0:
+            return
+        now = time.monotonic()
+        start = max(self._next_free, now)
+        self._next_free = start + count / self.bytes_per_s
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
 class ChunkServer:
     """Serves chunks of the store's blobs to devices over one MQTT connection."""
 
@@ -189,6 +209,7 @@ class ChunkServer:
         prefix: str,
         share_group: str,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        max_bytes_per_s: int = 0,
     ) -> None:
         self.client = client
         self.store = store
@@ -196,6 +217,7 @@ class ChunkServer:
         self.share_group = share_group
         self.max_chunk_bytes = max_chunk_bytes
         self.stats = ServeStats()
+        self._rate = RateLimiter(max_bytes_per_s)
         self._blobs = _BlobCache(store)
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -263,6 +285,7 @@ class ChunkServer:
                 {"schema": SCHEMA_CHUNK_ERROR, "version": str(SCHEMA_VERSION)},
             )
             return
+        await self._rate.take(len(data))
         await self._send(
             reply_to,
             data,

@@ -37,6 +37,7 @@ class ControllerService:
             prefix=config.prefix,
             share_group=config.share_group,
             max_chunk_bytes=config.max_chunk_bytes,
+            max_bytes_per_s=config.max_bytes_per_s,
         )
         self.status = StatusBook(config.status_file)
         self._stop = asyncio.Event()
