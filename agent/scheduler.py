@@ -16,14 +16,14 @@ concatenation and output serialisation all happen on worker threads.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
+import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -52,11 +52,9 @@ class Completed:
 
 
 def _serialise(name: str, datatype: str, array: Array) -> OutputTensor:
-    if datatype == BYTES:
-        raw = encode_bytes_tensor(array)
-    else:
-        raw = np.ascontiguousarray(array).tobytes()
-    return OutputTensor(name, datatype, tuple(int(d) for d in array.shape), raw)
+    # tobytes() writes C order whatever the layout; a NumPy shape is a tuple of ints.
+    raw = encode_bytes_tensor(array) if datatype == BYTES else array.tobytes()
+    return OutputTensor(name, datatype, array.shape, raw)
 
 
 def run_batch(
@@ -98,16 +96,98 @@ def run_batch(
     return completed
 
 
+# What a worker calls on the loop thread when a job is done: (result, exception).
+# A job cancelled by shutdown ends with a concurrent.futures.CancelledError.
+OnDone = Callable[[Any, BaseException | None], None]
+
+
+class Workers:
+    """A model's inference threads (one per instance) and the way back to the loop.
+
+    Jobs go in through a SimpleQueue. Outcomes come back in bursts: a worker
+    appends its outcome to a deque and wakes the loop (call_soon_threadsafe)
+    only if no wake-up is pending yet; the loop then hands out every outcome
+    queued by that time. Per request that costs one queue put and at most one
+    loop wake-up, where ThreadPoolExecutor + wrap_future costs a concurrent
+    Future, a work item, chained callbacks and a wake-up per future (measured
+    by tests/bench/bench_serving.py: this hop is the agent's largest per-request
+    cost on small models).
+    """
+
+    def __init__(self, count: int, name: str) -> None:
+        self._count = count
+        self._name = name
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], OnDone] | None]
+        self._jobs = queue.SimpleQueue()
+        self._done: deque[tuple[OnDone, Any, BaseException | None]] = deque()
+        self._wake_pending = False
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], on_done: OnDone) -> None:
+        """Run ``fn(*args)`` on a worker; ``on_done`` then runs on this loop's thread."""
+        if self._closed:
+            raise RuntimeError("cannot schedule new work after shutdown")
+        if not self._threads:  # started on first use, like ThreadPoolExecutor's
+            self._loop = asyncio.get_running_loop()
+            for i in range(self._count):
+                thread = threading.Thread(target=self._work, name=f"{self._name}_{i}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        self._jobs.put((fn, args, on_done))
+
+    def shutdown(self) -> None:
+        """Stop the threads once they are idle; jobs not yet started are cancelled."""
+        self._closed = True
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        jobs = self._jobs
+        done = self._done
+        loop = self._loop
+        assert loop is not None
+        while (job := jobs.get()) is not None:
+            fn, args, on_done = job
+            if self._closed:
+                done.append((on_done, None, CancelledError()))
+            else:
+                try:
+                    done.append((on_done, fn(*args), None))
+                except BaseException as exc:
+                    done.append((on_done, None, exc))
+            if not self._wake_pending:
+                self._wake_pending = True
+                try:
+                    loop.call_soon_threadsafe(self._deliver)
+                except RuntimeError:  # the loop has closed: nobody is waiting any more
+                    return
+
+    def _deliver(self) -> None:
+        # Cleared before draining: an outcome appended after this point either is
+        # drained below or finds the flag clear and schedules another delivery.
+        self._wake_pending = False
+        done = self._done
+        while done:
+            on_done, result, exc = done.popleft()
+            try:
+                on_done(result, exc)
+            except Exception as error:
+                assert self._loop is not None
+                self._loop.call_exception_handler(
+                    {"message": "inference completion callback failed", "exception": error}
+                )
+
+
 class Scheduler:
-    """Common bookkeeping: the worker pool, in-flight count, drain."""
+    """Common bookkeeping: the worker threads, in-flight count, drain."""
 
     def __init__(self, spec: ModelSpec, session: OnnxSession, stats: ModelStats) -> None:
         self.spec = spec
         self.session = session
         self.stats = stats
-        self.executor = ThreadPoolExecutor(
-            max_workers=spec.instance_count, thread_name_prefix=f"infer-{spec.name}"
-        )
+        self.workers = Workers(spec.instance_count, f"infer-{spec.name}")
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -156,7 +236,7 @@ class Scheduler:
             drained = True
         except TimeoutError:
             drained = False
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.workers.shutdown()
         return drained
 
 
@@ -180,30 +260,37 @@ class DirectScheduler(Scheduler):
                 f"model '{self.spec.name}' has {self.in_flight} requests queued or running "
                 f"(limit {self._limit})"
             )
-        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Completed] = asyncio.get_running_loop().create_future()
         self._begin()
         try:
-            work = self.executor.submit(self._run_one, decoded, deadline, _perf_ns())
-        except BaseException:  # the executor is shut down (the version was retired)
+            self.workers.submit(
+                self._run_one,
+                (decoded, deadline, _perf_ns()),
+                partial(self._run_finished, future),
+            )
+        except BaseException:  # the workers are shut down (the version was retired)
             self._end()
             raise
+        return await future
+
+    def _run_finished(
+        self, future: asyncio.Future[Completed], done: Completed | None, exc: BaseException | None
+    ) -> None:
         # Book-keeping follows the worker, not the caller: a caller that goes away
         # (client cancelled, deadline) while its run is under way must neither free
-        # the slot early nor leave the run uncounted. Added before wrap_future so
-        # the statistics are updated before the caller resumes.
-        work.add_done_callback(lambda w: self._worker_done(loop, w))
-        return await asyncio.wrap_future(work, loop=loop)
-
-    def _worker_done(
-        self, loop: asyncio.AbstractEventLoop, work: concurrent.futures.Future[Completed]
-    ) -> None:
-        with contextlib.suppress(RuntimeError):  # RuntimeError: the loop has closed
-            loop.call_soon_threadsafe(self._run_finished, work)
-
-    def _run_finished(self, work: concurrent.futures.Future[Completed]) -> None:
+        # the slot early nor leave the run uncounted. Done before the caller resumes.
         self._end()
-        if not work.cancelled() and work.exception() is None:
-            self.stats.record_execution(work.result().timings)
+        if exc is None:
+            assert done is not None
+            self.stats.record_execution(done.timings)
+        if future.done():  # the caller went away
+            return
+        if exc is None:
+            future.set_result(done)  # type: ignore[arg-type]
+        elif isinstance(exc, CancelledError):
+            future.cancel()
+        else:
+            future.set_exception(exc)
 
 
 @dataclass(slots=True)
@@ -307,24 +394,27 @@ class DynamicBatcher(Scheduler):
         if not items:
             return
         self._free -= 1
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(
-            self.executor,
+        self.workers.submit(
             self._execute,
-            [p.decoded for p in items],
-            [p.enqueued_ns for p in items],
+            ([p.decoded for p in items], [p.enqueued_ns for p in items]),
+            partial(self._finish, items),
         )
-        work.add_done_callback(lambda fut: self._finish(items, fut))
 
-    def _finish(self, items: list[_Pending], work: asyncio.Future[list[Completed]]) -> None:
+    def _finish(
+        self,
+        items: list[_Pending],
+        results: list[Completed] | None,
+        exc: BaseException | None,
+    ) -> None:
         self._free += 1
-        exc = work.exception() if not work.cancelled() else AgentError("worker cancelled")
+        if isinstance(exc, CancelledError):
+            exc = AgentError("worker cancelled")
         if exc is not None:
             for p in items:
                 if not p.future.done():
                     p.future.set_exception(exc)
         else:
-            results = work.result()
+            assert results is not None
             self.stats.record_execution(results[0].timings)
             for p, result in zip(items, results, strict=True):
                 if not p.future.done():
