@@ -357,6 +357,8 @@ class TestController:
         return result
 
     def stop(self) -> None:
+        if not self._loop.is_running():
+            return
         try:
             self._call(self._stop(), timeout=10)
         finally:

@@ -7,8 +7,11 @@ device reports. The agent runs as ``edge-agent serve`` in a subprocess.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,9 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.fleet.deployment import sign_deployment
 from agent.signing.keys import TrustStore
 from agent.signing.version_dir import verify_version
 from tests.agent_process import AgentProcess
@@ -96,22 +101,22 @@ def served_k(fleet: Fleet) -> float:
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("fleet")
     broker = MosquittoBroker(tmp / "broker").start()
-    controller = None
-    agent = None
+    fleet = None
     try:
         keys = Keys.create(tmp / "keys")
         repository = tmp / "repo"
         write_version(repository / MODEL / "1", 1.0, keys.model)
         controller = TestController(broker.port)
         config = agent_config(tmp, broker.port, keys, repository, tmp / "state")
-        agent = AgentProcess(config).wait_serving()
-        yield Fleet(tmp, broker, keys, repository, tmp / "state", controller, agent, config)
+        fleet = Fleet(tmp, broker, keys, repository, tmp / "state", controller,
+                      AgentProcess(config), config)
+        fleet.agent.wait_serving()
+        yield fleet
     finally:
-        if agent is not None:
-            agent.stop()
-            print("agent log:\n" + agent.log_text()[-20000:])
-        if controller is not None:
-            controller.stop()
+        if fleet is not None:
+            fleet.agent.stop()
+            print("agent log:\n" + fleet.agent.log_text()[-20000:])
+            fleet.controller.stop()
         broker.stop()
 
 
@@ -194,5 +199,397 @@ def test_update_goes_through_every_phase_without_failing_a_request(fleet: Fleet)
     assert (fleet.repository / MODEL / "config.pbtxt").read_bytes() == config
     trust = TrustStore.from_directory(fleet.keys.model_trust_dir)
     assert repository_problems(fleet.repository, lambda p: verify_version(p, trust)) == []
-    assert list((fleet.state / "staging").iterdir()) == []
-    assert list((fleet.state / "downloads").iterdir()) == []
+    fleet.controller.wait_for(
+        lambda: not list((fleet.state / "staging").iterdir())
+        and not list((fleet.state / "downloads").iterdir()),
+        5, "staging and downloads emptied",
+    )
+
+
+# --------------------------------------------------------------------------- threats
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+class Undisturbed:
+    """Asserts that serving and the repository are exactly as before."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def __enter__(self) -> Undisturbed:
+        wait_idle(self.fleet)
+        self.k = served_k(self.fleet)
+        self.files = snapshot(self.fleet.repository)
+        self.state = json.loads((self.fleet.state / "state.json").read_text())["models"]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None:
+            return
+        assert served_k(self.fleet) == self.k
+        assert snapshot(self.fleet.repository) == self.files
+        assert json.loads((self.fleet.state / "state.json").read_text())["models"] == self.state
+
+
+def wait_idle(fleet: Fleet) -> None:
+    def idle() -> bool:
+        state = json.loads((fleet.state / "state.json").read_text())
+        job = state.get("job")
+        return job is None or job["status"] in TERMINAL
+    fleet.controller.wait_for(idle, 30, "no job in progress")
+
+
+TERMINAL = {"SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELED"}
+
+
+def publish_and_wait(
+    fleet: Fleet, payload: bytes, status: set[str], deployment_id: str | None = None
+) -> dict[str, Any]:
+    before = len(fleet.controller.messages("jobs"))
+    fleet.controller.publish_desired(payload)
+
+    def reported() -> dict[str, Any] | None:
+        for message in fleet.controller.messages("jobs")[before:]:
+            if message.get("status") in status and deployment_id in (
+                None, message.get("deployment_id")
+            ):
+                return message
+        return None
+
+    result: dict[str, Any] = fleet.controller.wait_for(reported, 30, f"a job status in {status}")
+    return result
+
+
+def rejected(fleet: Fleet, payload: bytes, code: str) -> dict[str, Any]:
+    errors_before = len(fleet.controller.messages("errors"))
+    message = publish_and_wait(fleet, payload, {"REJECTED"})
+    assert (message["phase"], message["status"], message["reason_code"]) == (
+        "Failed", "REJECTED", code
+    ), message
+    error = fleet.controller.wait_for(
+        lambda: fleet.controller.messages("errors")[errors_before:], 10, "an error report"
+    )[0]
+    assert error["schema"] == "edge.error_report"
+    assert error["reason_code"] == code
+    assert error["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+    return message
+
+
+def good_doc(fleet: Fleet, **changes: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
+    version, files = fleet.version()
+    return deployment_doc(files, version, fleet.seq(), **changes), files
+
+
+def test_tampered_deployment_is_rejected(fleet: Fleet) -> None:
+    doc, _ = good_doc(fleet)
+    envelope = json.loads(sign_deployment(doc, fleet.keys.deploy))
+    payload = json.loads(base64.b64decode(envelope["payload"]))
+    payload["model"]["files"][0]["size"] += 1
+    envelope["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    with Undisturbed(fleet):
+        rejected(fleet, json.dumps(envelope).encode(), "signature_invalid")
+
+
+def test_unsigned_deployment_is_rejected(fleet: Fleet) -> None:
+    doc, _ = good_doc(fleet)
+    envelope = json.loads(sign_deployment(doc, fleet.keys.deploy))
+    envelope["signatures"] = []
+    with Undisturbed(fleet):
+        message = rejected(fleet, json.dumps(envelope).encode(), "signature_missing")
+    assert message["deployment_id"] == doc["deployment_id"]  # best effort, unverified
+
+
+def test_deployment_signed_with_a_wrong_key_is_rejected(fleet: Fleet) -> None:
+    doc, _ = good_doc(fleet)
+    with Undisturbed(fleet):
+        rejected(fleet, sign_deployment(doc, ec.generate_private_key(ec.SECP256R1())),
+                 "signature_untrusted_key")
+        # The model-signing key is not a deployment key either.
+        rejected(fleet, sign_deployment(doc, fleet.keys.model), "signature_untrusted_key")
+
+
+def test_replayed_deployment_is_rejected(fleet: Fleet) -> None:
+    version, files = fleet.version()
+    highest = json.loads((fleet.state / "state.json").read_text())["highest_sequence"]
+    assert highest > 0
+    with Undisturbed(fleet):
+        for sequence in (highest, highest - 1):  # not above the highest accepted
+            doc = deployment_doc(files, version, sequence)
+            rejected(fleet, sign_deployment(doc, fleet.keys.deploy), "sequence_replayed")
+
+
+def test_expired_deployment_is_rejected(fleet: Fleet) -> None:
+    past = time.time() - 7200
+    doc, _ = good_doc(fleet, now=past)
+    doc["expires_at"] = int(past) + 60
+    with Undisturbed(fleet):
+        rejected(fleet, sign_deployment(doc, fleet.keys.deploy), "expired")
+
+
+def test_deployment_for_another_device_is_rejected(fleet: Fleet) -> None:
+    doc, _ = good_doc(fleet, devices=["dev-2", "dev-3"])
+    with Undisturbed(fleet):
+        rejected(fleet, sign_deployment(doc, fleet.keys.deploy), "wrong_device")
+
+
+def test_rollback_to_an_older_version_is_rejected(fleet: Fleet) -> None:
+    files = version_files(fleet.tmp / "published" / "2")
+    doc = deployment_doc(files, 1, fleet.seq())
+    with Undisturbed(fleet):
+        rejected(fleet, sign_deployment(doc, fleet.keys.deploy), "version_rollback")
+
+
+def test_path_traversal_in_a_signed_deployment_is_rejected(fleet: Fleet) -> None:
+    doc, _ = good_doc(fleet)
+    doc["model"]["files"][0]["path"] = "../../../../escape.onnx"
+    with Undisturbed(fleet):
+        rejected(fleet, sign_deployment(doc, fleet.keys.deploy), "unsafe_path")
+    assert not list(fleet.tmp.rglob("escape.onnx"))
+
+
+def test_a_declared_size_above_the_limit_is_rejected(fleet: Fleet) -> None:
+    doc, _ = good_doc(fleet)
+    doc["model"]["files"][0]["size"] = 5 * 1024**3  # the default limit is 4 GiB
+    with Undisturbed(fleet):
+        rejected(fleet, sign_deployment(doc, fleet.keys.deploy), "size_exceeded")
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"{" + b" " * 70_000 + b"}", "message_too_large"),
+        (b"\x00\x01 not json", "message_malformed"),
+        (b'{"schema": "edge.deployment_envelope", "version": 1}', "message_malformed"),
+        (json.dumps({"schema": "edge.deployment_envelope", "version": 2, "payloadType": "x",
+                     "payload": "", "signatures": []}).encode(), "schema_unsupported"),
+        (json.dumps({"schema": "edge.something_else", "version": 1}).encode(),
+         "schema_unsupported"),
+    ],
+)
+def test_oversized_malformed_and_unknown_messages_are_rejected(
+    fleet: Fleet, payload: bytes, code: str
+) -> None:
+    with Undisturbed(fleet):
+        rejected(fleet, payload, code)
+
+
+def failed_after_download(fleet: Fleet, doc: dict[str, Any], code: str) -> None:
+    with Undisturbed(fleet):
+        message = publish_and_wait(
+            fleet, sign_deployment(doc, fleet.keys.deploy), {"FAILED", "SUCCEEDED"},
+            doc["deployment_id"],
+        )
+        assert (message["phase"], message["status"], message["reason_code"]) == (
+            "Failed", "FAILED", code
+        ), message
+        assert message["deployment_id"] == doc["deployment_id"]
+        wait_idle(fleet)
+    # What the job downloaded is cleaned up (right after the report).
+    fleet.controller.wait_for(
+        lambda: not list((fleet.state / "staging").iterdir())
+        and not list((fleet.state / "downloads").iterdir()),
+        5, "staging and downloads emptied",
+    )
+
+
+def test_mix_and_match_of_separately_signed_files_is_rejected(fleet: Fleet) -> None:
+    _, files_a = fleet.version()
+    version_b, files_b = fleet.version()
+    mixed = {**files_b, "model.onnx": files_a["model.onnx"]}  # a's model, b's signature
+    doc = deployment_doc(mixed, version_b, fleet.seq())
+    failed_after_download(fleet, doc, "file_digest_mismatch")
+
+
+def test_a_file_the_model_signature_does_not_cover_is_rejected(fleet: Fleet) -> None:
+    version, files = fleet.version()
+    extra = {**files, "smuggled.py": b"import os\n"}
+    fleet.controller.add_files(extra)
+    failed_after_download(fleet, deployment_doc(extra, version, fleet.seq()), "file_unexpected")
+
+
+def test_tampered_file_from_the_controller_is_rejected(fleet: Fleet) -> None:
+    version, files = fleet.version()
+    sha = hashlib.sha256(files["model.onnx"]).hexdigest()
+    evil = bytearray(files["model.onnx"])
+    evil[-1] ^= 0xFF
+    fleet.controller.policy.replace[sha] = bytes(evil)
+    try:
+        failed_after_download(fleet, deployment_doc(files, version, fleet.seq()),
+                              "digest_mismatch")
+    finally:
+        fleet.controller.policy.replace.clear()
+
+
+def test_endless_data_more_bytes_than_requested_is_refused(fleet: Fleet) -> None:
+    version, files = fleet.version(padding=20_000)  # several chunks
+    fleet.controller.policy.extra_bytes = 100
+    try:
+        failed_after_download(fleet, deployment_doc(files, version, fleet.seq()),
+                              "chunk_invalid")
+    finally:
+        fleet.controller.policy.extra_bytes = 0
+
+
+def test_a_version_failing_its_validation_vectors_never_serves(fleet: Fleet) -> None:
+    version, files = fleet.version(wrong_vectors=True)
+    failed_after_download(fleet, deployment_doc(files, version, fleet.seq()),
+                          "validation_failed")
+
+
+# --------------------------------------------------------------------------- probation
+
+
+def test_a_version_that_fails_in_probation_is_rolled_back(fleet: Fleet) -> None:
+    wait_idle(fleet)
+    good = served_k(fleet)
+    state = json.loads((fleet.state / "state.json").read_text())["models"][MODEL]
+    # Passes its vectors (batch 1) but fails every request with a batch of 2.
+    version, files = fleet.version(batch_one_only=True)
+    doc = deployment_doc(files, version, fleet.seq(), probation_s=20.0)
+    fleet.controller.deploy(doc, fleet.keys.deploy)
+    fleet.controller.wait_for(
+        lambda: [m for m in fleet.controller.jobs_for(doc["deployment_id"])
+                 if m["phase"] == "Active"], 20, "activation",
+    )
+    client = fleet.triton()
+    failures = 0
+    try:
+        assert float(infer(client)[0, 0]) == float(version)  # the new version serves
+        for _ in range(10):
+            try:
+                infer(client, batch=2)
+            except Exception:
+                failures += 1
+    finally:
+        client.close()
+    assert failures >= 4
+    done = fleet.controller.wait_job(doc["deployment_id"], {"FAILED", "SUCCEEDED"}, 20)
+    assert (done["phase"], done["status"], done["reason_code"]) == (
+        "RolledBack", "FAILED", "probation_failed"
+    )
+    assert "failed during probation" in done["message"]
+    assert served_k(fleet) == good
+    assert not (fleet.repository / MODEL / str(version)).exists()
+    after = json.loads((fleet.state / "state.json").read_text())["models"][MODEL]
+    assert after == {
+        "active": state["active"],
+        "last_known_good": state["last_known_good"],
+        "highest_activated": version,  # never again, unless a downgrade is signed
+    }
+    # The rolled back version number is spent.
+    again = deployment_doc(files, version, fleet.seq())
+    with Undisturbed(fleet):
+        rejected(fleet, sign_deployment(again, fleet.keys.deploy), "version_rollback")
+
+
+# --------------------------------------------------------------------------- supersede and resume
+
+
+def slow_chunks(fleet: Fleet, delay_s: float) -> None:
+    fleet.controller.policy.delay_s = delay_s
+
+
+def wait_downloading(fleet: Fleet, deployment_id: str, min_bytes: int = 1) -> None:
+    fleet.controller.wait_for(
+        lambda: [m for m in fleet.controller.jobs_for(deployment_id)
+                 if m["phase"] == "Downloading"
+                 and (m.get("progress") or {}).get("bytes", 0) >= min_bytes],
+        20, "download progress",
+    )
+
+
+def test_a_newer_deployment_supersedes_a_download(fleet: Fleet) -> None:
+    wait_idle(fleet)
+    version_a, files_a = fleet.version(padding=400_000)
+    version_b, files_b = fleet.version()
+    doc_a = deployment_doc(files_a, version_a, fleet.seq())
+    doc_b = deployment_doc(files_b, version_b, fleet.seq())
+    slow_chunks(fleet, 0.1)
+    try:
+        fleet.controller.deploy(doc_a, fleet.keys.deploy)
+        wait_downloading(fleet, doc_a["deployment_id"])
+        fleet.controller.deploy(doc_b, fleet.keys.deploy)
+        first = fleet.controller.wait_job(doc_a["deployment_id"], {"CANCELED", "FAILED"}, 20)
+    finally:
+        slow_chunks(fleet, 0.0)
+    assert (first["phase"], first["reason_code"]) == ("Failed", "superseded")
+    second = fleet.controller.wait_job(doc_b["deployment_id"], {"SUCCEEDED", "FAILED"}, 20)
+    assert second["status"] == "SUCCEEDED"
+    assert served_k(fleet) == float(version_b)
+    assert not (fleet.repository / MODEL / str(version_a)).exists()
+
+
+def chunks_of(files: dict[str, bytes], chunk: int = 4096) -> int:
+    return sum(max(1, -(-len(data) // chunk)) for data in files.values() if data)
+
+
+def test_download_resumes_after_a_broker_restart(fleet: Fleet) -> None:
+    wait_idle(fleet)
+    version, files = fleet.version(padding=400_000)
+    doc = deployment_doc(files, version, fleet.seq())
+    requests_before = fleet.controller.requests
+    slow_chunks(fleet, 0.1)
+    try:
+        fleet.controller.deploy(doc, fleet.keys.deploy)
+        wait_downloading(fleet, doc["deployment_id"], 30_000)
+        fleet.broker.restart(down_s=0.5)
+        done = fleet.controller.wait_job(doc["deployment_id"], {"SUCCEEDED", "FAILED"}, 40)
+    finally:
+        slow_chunks(fleet, 0.0)
+    assert done["status"] == "SUCCEEDED", done
+    assert served_k(fleet) == float(version)
+    # Resumed, not started over: about one request per chunk plus the few lost in flight.
+    assert fleet.controller.requests - requests_before < chunks_of(files) + 16
+
+
+def test_download_resumes_after_a_controller_restart(fleet: Fleet) -> None:
+    wait_idle(fleet)
+    version, files = fleet.version(padding=400_000)
+    doc = deployment_doc(files, version, fleet.seq())
+    answered_before = fleet.controller.answered
+    slow_chunks(fleet, 0.1)
+    fleet.controller.deploy(doc, fleet.keys.deploy)
+    wait_downloading(fleet, doc["deployment_id"], 30_000)
+    old = fleet.controller
+    old.stop()
+    served_before = old.answered - answered_before
+    time.sleep(0.5)
+    fleet.controller = TestController(fleet.broker.port)
+    fleet.controller.blobs = old.blobs
+    done = fleet.controller.wait_job(doc["deployment_id"], {"SUCCEEDED", "FAILED"}, 40)
+    assert done["status"] == "SUCCEEDED", done
+    assert served_k(fleet) == float(version)
+    assert served_before + fleet.controller.answered < chunks_of(files) + 16
+
+
+def test_download_resumes_after_an_agent_restart(fleet: Fleet) -> None:
+    wait_idle(fleet)
+    version, files = fleet.version(padding=400_000)
+    doc = deployment_doc(files, version, fleet.seq())
+    requests_before = fleet.controller.requests
+    slow_chunks(fleet, 0.1)
+    try:
+        fleet.controller.deploy(doc, fleet.keys.deploy)
+        wait_downloading(fleet, doc["deployment_id"], 30_000)
+        fleet.agent.stop()
+        partials = sorted(p.name for p in (fleet.state / "downloads").iterdir())
+        assert any(p.endswith(".ranges") for p in partials), partials
+        offline = fleet.controller.wait_for(
+            lambda: [m for m in fleet.controller.messages("reported") if m["online"] is False],
+            10, "the offline state",
+        )[-1]
+        assert offline["job"]["phase"] == "Downloading"
+        fleet.agent = AgentProcess(fleet.config).wait_serving()
+        done = fleet.controller.wait_job(doc["deployment_id"], {"SUCCEEDED", "FAILED"}, 40)
+    finally:
+        slow_chunks(fleet, 0.0)
+    assert done["status"] == "SUCCEEDED", done
+    assert served_k(fleet) == float(version)
+    assert fleet.controller.requests - requests_before < chunks_of(files) + 16
