@@ -229,20 +229,29 @@ def print_throughput(rounds: list[list[Run]]) -> None:
     print()
     print(f"Throughput, tabular_classifier, batch 1, client concurrency {CONCURRENCY} "
           f"(median of {len(rounds)} slices each; telemetry to mosquitto in every row)")
-    head = (f"{'drift monitoring':<18}{'infer/s':>10}{'vs off':>8}{'errors':>8}"
-            f"{'agent CPU ms/1k req':>21}{'sampled':>10}{'processed':>11}{'dropped':>9}")
+    head = (f"{'drift monitoring':<18}{'infer/s':>9}{'vs off':>8}{'errors':>8}"
+            f"{'CPU ms/1k req':>15}{'CPU vs off':>12}{'sampled':>10}{'processed':>11}"
+            f"{'dropped':>9}")
     print(head)
     print("-" * len(head))
+    off = statistics.median(r[0].infer_per_s for r in rounds)
+    off_cpu = statistics.median(r[0].cpu_ms_per_1k for r in rounds)
     for i in range(len(rounds[0])):
         runs = [r[i] for r in rounds]
         last = runs[-1]  # the sample counters are cumulative
-        # Each round's ratio to "off" in the same round, then the median: paired in time.
-        ratio = statistics.median(r[i].infer_per_s / r[0].infer_per_s for r in rounds)
+        rate = statistics.median(x.infer_per_s for x in runs)
+        cpu = statistics.median(x.cpu_ms_per_1k for x in runs)
         print(f"{last.label + f' (rate {last.sample_rate:g})':<18}"
-              f"{statistics.median(x.infer_per_s for x in runs):>10,.0f}{ratio:>8.3f}"
-              f"{sum(x.errors for x in runs):>8}"
-              f"{statistics.median(x.cpu_ms_per_1k for x in runs):>21.1f}"
+              f"{rate:>9,.0f}{rate / off:>8.3f}{sum(x.errors for x in runs):>8}"
+              f"{cpu:>15.1f}{off_cpu / cpu:>12.3f}"
               f"{last.sampled:>10,.0f}{last.processed:>11,.0f}{last.dropped:>9,.0f}")
+    spread = [max(x.infer_per_s for x in col) / min(x.infer_per_s for x in col)
+              for col in zip(*rounds, strict=True)]
+    print(f"(slowest to fastest slice of one configuration: up to {max(spread):.1f}x; "
+          f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}. "
+          "'CPU vs off' = the agent's CPU time per request without drift monitoring over "
+          "with it: the throughput ratio when the agent is CPU-bound, and far less noisy "
+          "on a shared machine.)")
 
 
 # -- 2. outbox ------------------------------------------------------------------------------
