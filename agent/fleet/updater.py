@@ -39,6 +39,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import time
 import uuid
@@ -95,6 +96,18 @@ ERROR_SCHEMA: Final = "edge.error_report"
 PROGRESS_EVERY_S: Final = 1.0
 PROBATION_TICK_S: Final = 0.25
 REMEMBER_REJECTED: Final = 64
+
+
+# Crash-safety tests make the agent SIGKILL itself at a named step of the life
+# cycle: EDGE_AGENT_FAILPOINT=<name> or <name>:<deployment sequence>. Unset, as
+# in production, this does nothing.
+_FAILPOINT: Final = os.environ.get("EDGE_AGENT_FAILPOINT", "")
+
+
+def failpoint(name: str, sequence: int) -> None:
+    if _FAILPOINT and _FAILPOINT in (name, f"{name}:{sequence}"):
+        log.warning("failpoint reached: killing the agent", extra={"failpoint": _FAILPOINT})
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def default_device_id() -> str:
@@ -486,6 +499,7 @@ class Updater:
         self._progress = None
         await self._save()
         log.info("deployment accepted", extra=self._job_log(self.state.job))
+        failpoint("accepted", deployment.sequence)
         await self._announce()
         self._start_job()
 
@@ -587,6 +601,7 @@ class Updater:
                                 self._on_progress)
         try:
             await downloader.download(targets)
+            failpoint("downloaded", deployment.sequence)
         except VerificationError as exc:  # digest mismatch of a complete file
             raise JobFailure(exc.code, str(exc)) from None
         except DownloadError as exc:
@@ -663,6 +678,7 @@ class Updater:
                  extra={"model": deployment.model_name, "version": deployment.model_version,
                         "mode": result.mode, "max_abs_error": result.max_abs_error})
         await self._transition(Event.VALIDATION_PASSED)
+        failpoint("validated", deployment.sequence)
 
     # -- activation -----------------------------------------------------------
 
@@ -687,6 +703,7 @@ class Updater:
                 await self._save()
                 try:
                     await asyncio.to_thread(self._install, staged, target)
+                    failpoint("installed", deployment.sequence)
                 except OSError as exc:
                     raise JobFailure(
                         Reason.STORAGE_FAILED, f"cannot move the version into the repository: {exc}"
@@ -697,6 +714,7 @@ class Updater:
             await asyncio.to_thread(self._swap_config, deployment)
         try:
             await self.models.activate(name, version)
+            failpoint("loaded", deployment.sequence)
         except AgentError as exc:
             raise JobFailure(Reason.ACTIVATION_FAILED, str(exc)) from None
         record.active = version
@@ -809,6 +827,7 @@ class Updater:
         record = self.state.model(name)
         record.last_known_good = deployment.model_version
         await self._transition(Event.PROBATION_PASSED)
+        failpoint("probation_passed", deployment.sequence)
         await asyncio.to_thread(self._finish_files, job)
 
     async def _roll_back(self, reason: str, message: str) -> None:
@@ -823,6 +842,7 @@ class Updater:
         log.warning("rolling back", extra={**self._job_log(job), "to_version": good,
                                            "reason_code": reason, "reason": message})
         await self._transition(Event.ROLL_BACK, reason, message)
+        failpoint("rolling_back", job.sequence)
         await asyncio.to_thread(self._restore_config, job)
         if good is not None:
             try:
