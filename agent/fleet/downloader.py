@@ -272,6 +272,7 @@ class PartialFile:
 
 
 def copy_durably(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
     temp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
     try:
         shutil.copyfile(source, temp, follow_symlinks=False)
@@ -532,7 +533,12 @@ class Downloader:
             await self.fetcher.wait_online()
             self.requests += 1
             try:
-                return await self.fetcher.fetch(artifact.sha256, offset, length)
+                data = await self.fetcher.fetch(artifact.sha256, offset, length)
+                if len(data) != length:  # whatever the fetcher: exactly what was asked
+                    raise ChunkInvalidError(
+                        f"{len(data)} bytes for a request of {length} ({artifact.path}@{offset})"
+                    )
+                return data
             except (ChunkTimeoutError, ChunkInvalidError, ArtifactNotFoundError) as exc:
                 if not self.fetcher.online() and isinstance(exc, ChunkTimeoutError):
                     continue  # lost in a disconnect: does not count
@@ -564,6 +570,6 @@ async def _gather_or_fail(tasks: list[asyncio.Task[Any]]) -> None:
         task.cancel()
     if pending:
         await asyncio.gather(*pending, return_exceptions=True)
-    for task in done:
-        if not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+    errors = [t.exception() for t in done if not t.cancelled() and t.exception() is not None]
+    if errors:
+        raise errors[0]  # type: ignore[misc]

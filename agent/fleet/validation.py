@@ -122,12 +122,13 @@ def _load_vectors(data: bytes) -> tuple[dict[str, np.ndarray[Any, Any]], dict[st
 
 def _feed(tensor: GraphTensor, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     if tensor.datatype == "BYTES":
+        # onnxruntime takes str elements for string tensors (bytes would be str()-ed).
         if array.dtype.kind == "U":
-            encoded = np.empty(array.shape, dtype=object)
-            encoded.reshape(-1)[:] = [s.encode("utf-8") for s in array.reshape(-1)]
-            return encoded
-        if array.dtype.kind == "S":
             return array.astype(object)
+        if array.dtype.kind == "S":
+            decoded = np.empty(array.shape, dtype=object)
+            decoded.reshape(-1)[:] = [b.decode("utf-8") for b in array.reshape(-1)]
+            return decoded
         raise ValidationFailedError(f"input {tensor.name}: expected strings, got {array.dtype}")
     return array
 
@@ -161,8 +162,8 @@ def _compare(
     if not bool(np.all(close)):
         index = int(np.argmin(close.reshape(-1)))
         raise ValidationFailedError(
-            f"output {name}: element {index} is {a.reshape(-1)[index]!r}, expected "
-            f"{e.reshape(-1)[index]!r} (rtol {tol.rtol}, atol {tol.atol})"
+            f"output {name}: element {index} is {float(a.reshape(-1)[index])!r}, expected "
+            f"{float(e.reshape(-1)[index])!r} (rtol {tol.rtol}, atol {tol.atol})"
         )
     finite = np.isfinite(a) & np.isfinite(e)
     return float(np.max(np.abs(a - e)[finite], initial=0.0))

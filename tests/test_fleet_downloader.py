@@ -1,0 +1,315 @@
+"""The chunked downloader: byte ranges, partial files, resume, refusals.
+
+The fetcher here is an in-memory implementation of the ``ChunkFetcher``
+interface (the MQTT one is exercised end to end in test_fleet_updates.py), so
+these tests can count, reorder and falsify answers precisely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.fleet.deployment import DeploymentFile, DigestMismatchError
+from agent.fleet.downloader import (
+    ArtifactNotFoundError,
+    ChunkInvalidError,
+    ChunkTimeoutError,
+    Downloader,
+    DownloadSettings,
+    PartialFile,
+    RangeSet,
+)
+
+
+def artifact(path: str, data: bytes) -> DeploymentFile:
+    return DeploymentFile(path, hashlib.sha256(data).hexdigest(), len(data))
+
+
+class MemoryFetcher:
+    """Serves blobs from memory; ``hook`` may replace an answer or raise."""
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+        self.requests: list[tuple[str, int, int]] = []
+        self.hook: Callable[[str, int, int, bytes], bytes] | None = None
+        self.is_online = True
+
+    async def wait_online(self) -> None:
+        for _ in range(1000):
+            if self.is_online:
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("never came online")
+
+    def online(self) -> bool:
+        return self.is_online
+
+    async def fetch(self, sha256: str, offset: int, length: int) -> bytes:
+        self.requests.append((sha256, offset, length))
+        await asyncio.sleep(0)
+        blob = self.blobs.get(sha256)
+        if blob is None:
+            raise ArtifactNotFoundError(sha256)
+        data = blob[offset : offset + length]
+        if self.hook is not None:
+            data = self.hook(sha256, offset, length, data)
+        return data
+
+
+SETTINGS = DownloadSettings(chunk_bytes=1000, window=3, retries=2, retry_backoff_s=0.0)
+
+
+def run(coro: object) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+def test_ranges_merge_and_report_what_is_missing() -> None:
+    r = RangeSet()
+    r.add(10, 20)
+    r.add(30, 40)
+    r.add(20, 30)
+    assert list(r.ranges) == [(10, 40)]
+    r.add(0, 5)
+    assert r.total() == 35
+    assert r.missing(50, 4) == [(5, 4), (9, 1), (40, 4), (44, 4), (48, 2)]
+    assert r.covers(12, 40) and not r.covers(4, 6)
+    r.add(5, 5)  # empty: ignored
+    assert list(r.ranges) == [(0, 5), (10, 40)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 200), st.integers(0, 60)), max_size=25),
+    st.integers(1, 250),
+    st.integers(1, 40),
+)
+def test_ranges_agree_with_a_set_of_bytes(
+    spans: list[tuple[int, int]], size: int, chunk: int
+) -> None:
+    r = RangeSet()
+    covered: set[int] = set()
+    for start, length in spans:
+        r.add(start, start + length)
+        covered |= set(range(start, start + length))
+    assert r.total() == len(covered)
+    previous_end = -1
+    for a, b in r.ranges:
+        assert a < b and a > previous_end  # sorted, merged, never touching
+        previous_end = b
+    requested: set[int] = set()
+    for offset, length in r.missing(size, chunk):
+        assert 0 < length <= chunk and offset + length <= size
+        span = set(range(offset, offset + length))
+        assert not span & requested
+        requested |= span
+    assert requested == set(range(size)) - covered
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+def test_download_assembles_every_file(tmp_path: Path) -> None:
+    big = os.urandom(10_500)
+    files = [artifact("model.onnx", big), artifact("sub/copy.onnx", big),
+             artifact("empty.txt", b""), artifact("model.sig", b"sig")]
+    fetcher = MemoryFetcher({f.sha256: d for f, d in zip(files, [big, big, b"", b"sig"],
+                                                         strict=True)})
+    progress: list[tuple[int, int]] = []
+    downloader = Downloader(tmp_path / "dl", fetcher, SETTINGS,
+                            lambda done, total: progress.append((done, total)))
+    dest = tmp_path / "staged"
+    run(downloader.download([(f, dest / f.path) for f in files]))
+    assert (dest / "model.onnx").read_bytes() == big
+    assert (dest / "sub" / "copy.onnx").read_bytes() == big  # same digest: fetched once
+    assert (dest / "empty.txt").read_bytes() == b""
+    assert (dest / "model.sig").read_bytes() == b"sig"
+    assert len(fetcher.requests) == 11 + 1  # 11 chunks of the big blob, 1 for model.sig
+    assert progress[-1] == (10_503, 10_503)
+    assert list((tmp_path / "dl").iterdir()) == []
+
+
+def test_requests_never_reach_past_the_declared_size(tmp_path: Path) -> None:
+    data = os.urandom(5_000)
+    f = artifact("a", data)
+    fetcher = MemoryFetcher({f.sha256: data + b"more bytes the controller has"})
+    fetcher.blobs[f.sha256] = data + b"x" * 5000
+    downloader = Downloader(tmp_path / "dl", fetcher, SETTINGS)
+    run(downloader.download([(f, tmp_path / "out" / "a")]))
+    assert max(offset + length for _, offset, length in fetcher.requests) == 5_000
+
+
+def test_a_longer_answer_is_refused_and_never_written(tmp_path: Path) -> None:
+    data = os.urandom(3_000)
+    f = artifact("a", data)
+    fetcher = MemoryFetcher({f.sha256: data})
+    sizes: list[int] = []
+    part = tmp_path / "dl" / f"{f.sha256}.part"
+
+    def longer(sha: str, offset: int, length: int, chunk: bytes) -> bytes:
+        if part.exists():
+            sizes.append(part.stat().st_size)
+        return chunk + b"endless data" if offset == 1000 else chunk
+
+    fetcher.hook = longer
+    downloader = Downloader(tmp_path / "dl", fetcher, SETTINGS)
+    with pytest.raises(ChunkInvalidError, match="bytes for a request of 1000"):
+        run(downloader.download([(f, tmp_path / "out" / "a")]))
+    assert [r[1] for r in fetcher.requests].count(1000) == 3  # tried, retried, refused
+    assert set(sizes) <= {3_000}  # the partial file is the declared size, never more
+    assert not (tmp_path / "out" / "a").exists()
+
+
+def test_a_partial_file_refuses_bytes_beyond_the_declared_size(tmp_path: Path) -> None:
+    f = artifact("a", b"0123456789")
+    partial = PartialFile(tmp_path, f)
+
+    async def go() -> None:
+        partial.open()
+        with pytest.raises(ChunkInvalidError):
+            partial.write(8, b"abc")
+        partial.write(0, b"0123")
+        assert partial.written.ranges == ((0, 4),)
+        partial.close()
+
+    run(go())
+    assert (tmp_path / f"{f.sha256}.part").stat().st_size == 10
+
+
+def test_wrong_content_fails_the_digest_check_and_is_discarded(tmp_path: Path) -> None:
+    good = os.urandom(2_500)
+    f = artifact("a", good)
+    fetcher = MemoryFetcher({f.sha256: bytes(b ^ 1 for b in good)})
+    downloader = Downloader(tmp_path / "dl", fetcher, SETTINGS)
+    with pytest.raises(DigestMismatchError):
+        run(downloader.download([(f, tmp_path / "out" / "a")]))
+    assert list((tmp_path / "dl").iterdir()) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_timeouts_are_retried_then_fail(tmp_path: Path) -> None:
+    data = os.urandom(2_500)
+    f = artifact("a", data)
+    fetcher = MemoryFetcher({f.sha256: data})
+    flaky = {"left": 2}
+
+    def sometimes(sha: str, offset: int, length: int, chunk: bytes) -> bytes:
+        if offset == 1000 and flaky["left"]:
+            flaky["left"] -= 1
+            raise ChunkTimeoutError("no answer")
+        return chunk
+
+    fetcher.hook = sometimes
+    run(Downloader(tmp_path / "dl", fetcher, SETTINGS).download([(f, tmp_path / "o" / "a")]))
+    assert (tmp_path / "o" / "a").read_bytes() == data
+    assert [r[1] for r in fetcher.requests].count(1000) == 3
+
+    def never(sha: str, offset: int, length: int, chunk: bytes) -> bytes:
+        raise ChunkTimeoutError("no answer")
+
+    fetcher.hook = never
+    with pytest.raises(ChunkTimeoutError):
+        run(Downloader(tmp_path / "dl2", fetcher, SETTINGS).download(
+            [(f, tmp_path / "o2" / "a")]))
+
+
+def test_timeouts_while_offline_do_not_use_up_retries(tmp_path: Path) -> None:
+    data = os.urandom(1_500)
+    f = artifact("a", data)
+    fetcher = MemoryFetcher({f.sha256: data})
+    offline_only = {"left": 20}
+
+    def offline(sha: str, offset: int, length: int, chunk: bytes) -> bytes:
+        if offline_only["left"]:
+            offline_only["left"] -= 1
+            fetcher.is_online = False
+            raise ChunkTimeoutError("lost in a disconnect")
+        return chunk
+
+    fetcher.hook = offline
+
+    async def reconnect_later() -> None:
+        for _ in range(1000):
+            await asyncio.sleep(0.001)
+            fetcher.is_online = True
+
+    async def go() -> None:
+        task = asyncio.create_task(reconnect_later())
+        await Downloader(tmp_path / "dl3", fetcher, SETTINGS).download(
+            [(f, tmp_path / "o3" / "a")])
+        task.cancel()
+
+    run(go())
+    assert (tmp_path / "o3" / "a").read_bytes() == data
+
+
+def test_an_artifact_the_controller_does_not_have_fails(tmp_path: Path) -> None:
+    f = artifact("a", b"data")
+    with pytest.raises(ArtifactNotFoundError):
+        run(Downloader(tmp_path / "dl", MemoryFetcher({}), SETTINGS).download(
+            [(f, tmp_path / "o" / "a")]))
+
+
+def test_a_download_resumes_from_the_durable_ranges(tmp_path: Path) -> None:
+    data = os.urandom(20_000)
+    f = artifact("model.onnx", data)
+    fetcher = MemoryFetcher({f.sha256: data})
+    served = {"n": 0}
+
+    def stop_after_twelve(sha: str, offset: int, length: int, chunk: bytes) -> bytes:
+        served["n"] += 1
+        if served["n"] > 12:
+            raise ArtifactNotFoundError("controller went away")
+        return chunk
+
+    fetcher.hook = stop_after_twelve
+    one = DownloadSettings(chunk_bytes=1000, window=1, retries=0)
+    with pytest.raises(ArtifactNotFoundError):
+        run(Downloader(tmp_path / "dl", fetcher, one).download([(f, tmp_path / "o" / "m")]))
+    ranges = json.loads((tmp_path / "dl" / f"{f.sha256}.ranges").read_text())
+    assert ranges["done"] == [[0, 12_000]]  # synced before the record claims it
+    fetcher.hook = None
+    fetcher.requests.clear()
+    run(Downloader(tmp_path / "dl", fetcher, one).download([(f, tmp_path / "o" / "m")]))
+    assert (tmp_path / "o" / "m").read_bytes() == data
+    assert [offset for _, offset, _ in fetcher.requests] == list(range(12_000, 20_000, 1000))
+
+
+def test_a_ranges_file_that_does_not_fit_is_ignored(tmp_path: Path) -> None:
+    data = os.urandom(3_000)
+    f = artifact("a", data)
+    (tmp_path / "dl").mkdir()
+    (tmp_path / "dl" / f"{f.sha256}.part").write_bytes(b"\0" * 3_000)
+    for content in (b"garbage", json.dumps({"schema": "edge.partial_download", "sha256": "x",
+                                            "size": 3000, "done": [[0, 3000]]}).encode()):
+        (tmp_path / "dl" / f"{f.sha256}.ranges").write_bytes(content)
+        fetcher = MemoryFetcher({f.sha256: data})
+        run(Downloader(tmp_path / "dl", fetcher, SETTINGS).download([(f, tmp_path / "o" / "a")]))
+        assert (tmp_path / "o" / "a").read_bytes() == data
+        assert len(fetcher.requests) == 3
+        (tmp_path / "o" / "a").unlink()
+        (tmp_path / "dl" / f"{f.sha256}.part").write_bytes(b"\0" * 3_000)
+
+
+def test_files_already_at_their_destination_are_not_fetched_again(tmp_path: Path) -> None:
+    data = os.urandom(1_234)
+    f = artifact("a", data)
+    g = artifact("b/a", data)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "a").write_bytes(data)  # a crash after the first of two copies
+    fetcher = MemoryFetcher({f.sha256: data})
+    run(Downloader(tmp_path / "dl", fetcher, SETTINGS).download(
+        [(f, tmp_path / "o" / "a"), (g, tmp_path / "o" / "b" / "a")]))
+    assert fetcher.requests == []
+    assert (tmp_path / "o" / "b" / "a").read_bytes() == data
