@@ -55,8 +55,14 @@ max_batch_size: 0
 instance_group [ { count: 2 kind: KIND_CPU } ]
 """
 
-SLOW_BATCHED_CONFIG = """
-name: "slow_batched"
+DEADLINE_SERIAL_CONFIG = """
+name: "deadline_serial"
+max_batch_size: 0
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+
+DEADLINE_BATCHED_CONFIG = """
+name: "deadline_batched"
 max_batch_size: 2
 dynamic_batching { max_queue_delay_microseconds: 0 }
 instance_group [ { count: 1 kind: KIND_CPU } ]
@@ -99,14 +105,25 @@ def _start(tmp: Path, models: dict[str, tuple[bytes, str | None]], **sections: A
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory: pytest.TempPathFactory, slow: SlowModel) -> Iterator[AgentProcess]:
+def very_slow() -> SlowModel:
+    """For deadline tests: one run outlasts any plausible delay in sending a request."""
+    model = build_slow_model(target_ms=800.0)
+    assert model.run_ms > 500, f"slow model runs in {model.run_ms:.1f} ms: too fast to test with"
+    return model
+
+
+@pytest.fixture(scope="module")
+def agent(
+    tmp_path_factory: pytest.TempPathFactory, slow: SlowModel, very_slow: SlowModel
+) -> Iterator[AgentProcess]:
     agent = _start(
         tmp_path_factory.mktemp("batching"),
         {
             "rowwise": (row_wise_model(), ROW_WISE_CONFIG),
             "slow_serial": (slow.onnx_bytes, SLOW_SERIAL_CONFIG),
             "slow_parallel": (slow.onnx_bytes, SLOW_PARALLEL_CONFIG),
-            "slow_batched": (slow.onnx_bytes, SLOW_BATCHED_CONFIG),
+            "deadline_serial": (very_slow.onnx_bytes, DEADLINE_SERIAL_CONFIG),
+            "deadline_batched": (very_slow.onnx_bytes, DEADLINE_BATCHED_CONFIG),
         },
     )
     yield agent
@@ -359,15 +376,18 @@ def test_queue_frees_up_after_a_flood(bounded_agent: AgentProcess) -> None:
 # -- deadlines ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("model", "batch"), [("slow_serial", 1), ("slow_batched", 2)])
+@pytest.mark.parametrize(("model", "batch"), [("deadline_serial", 1), ("deadline_batched", 2)])
 def test_request_whose_deadline_passes_in_the_queue_is_never_run(
-    agent: AgentProcess, slow: SlowModel, model: str, batch: int
+    agent: AgentProcess, model: str, batch: int
 ) -> None:
-    # Four slow requests occupy the single instance (batch = max_batch_size, so
-    # they cannot merge); a fifth with a client deadline of about one run waits
-    # behind several runs, so its deadline passes while it is queued.
-    busy_count = 4
-    short_timeout = max(0.1, slow.run_ms / 1000)
+    # Three slow requests occupy the single instance (batch = max_batch_size, so
+    # they cannot merge). The late request, sent once the first is surely running,
+    # has a deadline far shorter than what is left of that first run (which
+    # takes more than 0.5 s, checked by the very_slow fixture): whatever
+    # its place in the queue, its deadline passes before an instance is free.
+    busy_count = 3
+    head_start_s = 0.15
+    short_timeout = 0.1
     before = stats(agent, model)
 
     async def run() -> tuple[list[str], str, str]:
@@ -377,7 +397,7 @@ def test_request_whose_deadline_passes_in_the_queue_is_never_run(
                 asyncio.ensure_future(slow_infer(client, model, batch, float(i)))
                 for i in range(busy_count)
             ]
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(head_start_s)
             late = await slow_infer(client, model, 1, 99.0, client_timeout=short_timeout)
             done = list(await asyncio.gather(*busy))
             # FIFO on one instance: once this one is answered, the late request
@@ -400,26 +420,25 @@ def test_request_whose_deadline_passes_in_the_queue_is_never_run(
     assert now.fail - before.fail == 1
 
 
-def test_run_abandoned_mid_way_is_still_counted(agent: AgentProcess, slow: SlowModel) -> None:
+def test_run_abandoned_mid_way_is_still_counted(agent: AgentProcess) -> None:
     # The deadline passes while the request is already running: onnxruntime cannot be
     # interrupted, so the run completes and is counted as an execution, while the
     # request itself is a failure (its client has gone).
-    before = stats(agent, "slow_serial")
+    timeout = 0.15  # a run takes more than 0.5 s (checked by the very_slow fixture)
+    before = stats(agent, "deadline_serial")
 
     async def run() -> tuple[str, str]:
         client = aioclient.InferenceServerClient(agent.address)
         try:
-            late = await slow_infer(
-                client, "slow_serial", 1, 3.0, client_timeout=slow.run_ms / 1000 / 3
-            )
-            after = await slow_infer(client, "slow_serial", 1, 4.0)
+            late = await slow_infer(client, "deadline_serial", 1, 3.0, client_timeout=timeout)
+            after = await slow_infer(client, "deadline_serial", 1, 4.0)
             return late, after
         finally:
             await client.close()
 
     late, after = asyncio.run(run())
     assert (late, after) == ("StatusCode.DEADLINE_EXCEEDED", "OK")
-    now = stats(agent, "slow_serial")
+    now = stats(agent, "deadline_serial")
     assert now.execution_count - before.execution_count == 2
     assert now.inference_count - before.inference_count == 1
     assert (now.success - before.success, now.fail - before.fail) == (1, 1)
