@@ -80,7 +80,7 @@ class DriftMonitor:
         self._clock = clock
         self._queue: deque[_Sample] = deque()
         self._bytes_in = 0  # written by the loop thread only
-        self._bytes_out = 0  # written by the drain thread only
+        self._bytes_out = 0  # written under _drain_lock only
         self._random = random.random
         self.counters = MonitorCounters()
         self._profiles: dict[VersionKey, ReferenceProfile | None] = {}
@@ -88,6 +88,7 @@ class DriftMonitor:
         self._windows: dict[VersionKey, DriftWindow] = {}
         self._window_started = clock()
         self._lock = threading.Lock()  # guards _windows, _window_started and _profiles
+        self._drain_lock = threading.Lock()  # one drainer at a time (it owns _bytes_out)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -135,7 +136,14 @@ class DriftMonitor:
         self.drain()
 
     def drain(self) -> int:
-        """Move everything queued into the windows; returns how many requests."""
+        """Move everything queued into the windows; returns how many requests.
+
+        Called by the drain thread and before a window closes; one at a time.
+        """
+        with self._drain_lock:
+            return self._drain()
+
+    def _drain(self) -> int:
         q = self._queue
         n = len(q)
         if n == 0:
