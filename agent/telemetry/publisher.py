@@ -372,9 +372,9 @@ class TelemetryService:
         client = self.mqtt.client
         while True:
             await client.connected.wait()
+            self._wake.clear()  # before looking: a message queued from now on wakes us
             sent = await self._send_batch()
             if sent == 0:
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 5.0)
 
