@@ -408,3 +408,22 @@ def test_monitor_concurrent_drains_lose_nothing() -> None:
     assert errors == []
     closed = monitor.rollover([("m", "1", 1.0)])
     assert monitor.counters.processed == 50_000 == closed[0].window.requests
+
+
+def test_pure_telemetry_modules_import_no_protobuf_code() -> None:
+    """Tests and tools that use tritonclient import these: they must not pull agent.wire."""
+    import subprocess
+
+    from tests.agent_process import REPO_ROOT
+
+    code = (
+        "import sys\n"
+        "import agent.telemetry.drift, agent.telemetry.profile_io, agent.telemetry.outbox\n"
+        "import agent.telemetry.monitor, agent.telemetry.health, agent.telemetry.publisher\n"
+        "import tritonclient.grpc\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('agent.wire', 'onnxruntime')))\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
