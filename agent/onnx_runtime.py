@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-# An edge device must not phone home: onnxruntime builds may carry a telemetry client.
-ort.disable_telemetry_events()
-
 from agent.datatypes import NUMPY_DTYPES
 from agent.errors import ModelConfigError
+
+# An edge device must not phone home: onnxruntime builds may carry a telemetry client.
+ort.disable_telemetry_events()
 
 # onnxruntime's type strings -> protocol datatype names.
 _ORT_TO_WIRE = {
