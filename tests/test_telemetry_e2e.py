@@ -284,9 +284,10 @@ def test_telemetry_survives_broker_outage_and_agent_restart(
 
         # 2. The broker goes away; telemetry keeps being produced into the outbox,
         #    and the agent is restarted in the middle of the outage.
-        received_before = len(collector.snapshot())
         outage_start = time.time()
         mqtt_broker.stop()
+        time.sleep(0.5)  # anything already on its way to the collector has arrived
+        received_before = len(collector.snapshot())
         with Traffic(first.address):
             time.sleep(OUTAGE_S / 2)
         assert first.stop() == 0
