@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from agent.signing.version_dir import verify_version
 from tests.agent_process import AgentProcess
 from tests.fleet_harness import (
     CONFIG_PBTXT,
+    DEVICE,
     MODEL,
     Keys,
     TestController,
@@ -38,7 +41,7 @@ from tests.fleet_harness import (
     version_files,
     write_version,
 )
-from tests.mqtt_broker import MosquittoBroker
+from tests.mqtt_broker import MosquittoBroker, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -593,3 +596,55 @@ def test_download_resumes_after_an_agent_restart(fleet: Fleet) -> None:
     assert done["status"] == "SUCCEEDED", done
     assert served_k(fleet) == float(version)
     assert fleet.controller.requests - requests_before < chunks_of(files) + 16
+
+
+# --------------------------------------------------------------------------- broker away, will
+
+
+def test_the_agent_serves_without_a_broker_and_reports_online_and_offline(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    keys = Keys.create(tmp_path / "keys")
+    repository = tmp_path / "repo"
+    write_version(repository / MODEL / "1", 1.0, keys.model)
+    config = agent_config(tmp_path, port, keys, repository, tmp_path / "state",
+                          deployment_trust_dir=str(tmp_path / "no-such-dir"))
+    broker = MosquittoBroker(tmp_path / "broker", port=port)
+    agent = AgentProcess(config)
+    controller = None
+    try:
+        agent.wait_serving()  # no broker at all: serving does not wait for one
+        client = grpcclient.InferenceServerClient(agent.address)
+        try:
+            assert float(infer(client)[0, 0]) == 1.0
+        finally:
+            client.close()
+        broker.start()
+        controller = TestController(port)
+        birth = controller.wait_for(
+            lambda: [m for m in controller.messages("reported") if m.get("online")], 20,
+            "the birth message once the broker is up",
+        )[-1]
+        assert birth["schema"] == "edge.reported_state"
+        assert birth["device"] == DEVICE
+        assert birth["models"][MODEL]["active_version"] == 1
+        # Without its deployment trust store the agent refuses every deployment.
+        files = version_files(write_version(tmp_path / "v2", 2.0, keys.model))
+        doc = deployment_doc(files, 2, 1)
+        controller.deploy(doc, keys.deploy)
+        refused = controller.wait_job(doc["deployment_id"], {"REJECTED"}, 10)
+        assert refused["reason_code"] == "trust_store_invalid"
+        # A crash: the broker publishes the last will, retained.
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait_exit(10)
+        will = controller.wait_for(
+            lambda: [m for m in controller.messages("reported") if m.get("online") is False],
+            20, "the last will",
+        )[-1]
+        assert will["device"] == DEVICE
+    finally:
+        agent.stop()
+        if controller is not None:
+            controller.stop()
+        broker.stop()
