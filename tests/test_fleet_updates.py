@@ -453,9 +453,12 @@ def test_a_version_that_fails_in_probation_is_rolled_back(fleet: Fleet) -> None:
     wait_idle(fleet)
     good = served_k(fleet)
     state = json.loads((fleet.state / "state.json").read_text())["models"][MODEL]
+    config_before = (fleet.repository / MODEL / "config.pbtxt").read_bytes()
     # Passes its vectors (batch 1) but fails every request with a batch of 2.
     version, files = fleet.version(batch_one_only=True)
-    doc = deployment_doc(files, version, fleet.seq(), probation_s=20.0)
+    new_config = CONFIG_PBTXT.encode() + b"# the bad version's config\n"
+    fleet.controller.add_files({"config.pbtxt": new_config})
+    doc = deployment_doc(files, version, fleet.seq(), probation_s=20.0, config=new_config)
     fleet.controller.deploy(doc, fleet.keys.deploy)
     fleet.controller.wait_for(
         lambda: [m for m in fleet.controller.jobs_for(doc["deployment_id"])
@@ -480,6 +483,7 @@ def test_a_version_that_fails_in_probation_is_rolled_back(fleet: Fleet) -> None:
     assert "failed during probation" in done["message"]
     assert served_k(fleet) == good
     assert not (fleet.repository / MODEL / str(version)).exists()
+    assert (fleet.repository / MODEL / "config.pbtxt").read_bytes() == config_before
     after = json.loads((fleet.state / "state.json").read_text())["models"][MODEL]
     assert after == {
         "active": state["active"],
@@ -648,3 +652,25 @@ def test_the_agent_serves_without_a_broker_and_reports_online_and_offline(
         if controller is not None:
             controller.stop()
         broker.stop()
+
+
+def test_a_model_new_to_the_device_is_installed(fleet: Fleet) -> None:
+    wait_idle(fleet)
+    directory = write_version(fleet.tmp / "published-fresh" / "1", 5.0, fleet.keys.model)
+    files = version_files(directory)
+    fleet.controller.add_files(files)
+    doc = deployment_doc(files, 1, fleet.seq())
+    doc["model"]["name"] = "fresh"
+    fleet.controller.deploy(doc, fleet.keys.deploy)
+    done = fleet.controller.wait_job(doc["deployment_id"], {"SUCCEEDED", "FAILED"}, 20)
+    assert done["status"] == "SUCCEEDED", done
+    client = fleet.triton()
+    try:
+        inp = grpcclient.InferInput("x", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+        assert float(client.infer("fresh", [inp]).as_numpy("y")[0, 0]) == 5.0
+        assert client.is_model_ready(MODEL)  # the other model is untouched
+    finally:
+        client.close()
+    state = json.loads((fleet.state / "state.json").read_text())["models"]["fresh"]
+    assert state == {"active": 1, "highest_activated": 1, "last_known_good": 1}

@@ -514,8 +514,9 @@ class Updater:
                 await task
         job = self.state.job
         if job is not None and self._job_state(job).cancellable:
-            await self._transition(Event.CANCEL, Reason.SUPERSEDED, why)
+            await self._transition(Event.CANCEL, Reason.SUPERSEDED, why, announce=False)
             await asyncio.to_thread(self._finish_files, job)
+            await self._announce()
 
     async def _run_job(self) -> None:
         job = self.state.job
@@ -557,10 +558,14 @@ class Updater:
         log.warning("update job failed",
                     extra={**self._job_log(job), "reason_code": failure.reason,
                            "reason": failure.message})
-        await self._transition(event, failure.reason, failure.message)
-        await asyncio.to_thread(self._finish_files, job)
+        await self._transition(event, failure.reason, failure.message, announce=False)
+        await asyncio.to_thread(self._finish_files, job)  # a moved-in version, a config
+        await self._announce()
 
-    async def _transition(self, event: Event, reason: str = "", message: str = "") -> None:
+    async def _transition(
+        self, event: Event, reason: str = "", message: str = "", announce: bool = True
+    ) -> None:
+        """Apply ``event``, persist, then report (unless the caller reports once done)."""
         job = self.state.job
         assert job is not None
         new = lifecycle.apply(self._job_state(job), event, reason)
@@ -573,7 +578,8 @@ class Updater:
             job.attempts = 0
         await self._save()
         log.info("update job", extra={**self._job_log(job), "event": str(event)})
-        await self._announce()
+        if announce:
+            await self._announce()
 
     async def _announce(self) -> None:
         job = self.state.job
@@ -826,9 +832,10 @@ class Updater:
             await asyncio.sleep(min(PROBATION_TICK_S, remaining))
         record = self.state.model(name)
         record.last_known_good = deployment.model_version
-        await self._transition(Event.PROBATION_PASSED)
+        await self._transition(Event.PROBATION_PASSED, announce=False)
         failpoint("probation_passed", deployment.sequence)
         await asyncio.to_thread(self._finish_files, job)
+        await self._announce()
 
     async def _roll_back(self, reason: str, message: str) -> None:
         job = self.state.job
@@ -841,7 +848,9 @@ class Updater:
         record.active = good
         log.warning("rolling back", extra={**self._job_log(job), "to_version": good,
                                            "reason_code": reason, "reason": message})
-        await self._transition(Event.ROLL_BACK, reason, message)
+        # Persisted first (a crash from here on ends on the last known good at
+        # start-up), reported once the last known good serves again.
+        await self._transition(Event.ROLL_BACK, reason, message, announce=False)
         failpoint("rolling_back", job.sequence)
         await asyncio.to_thread(self._restore_config, job)
         if good is not None:
@@ -856,6 +865,7 @@ class Updater:
                 await self.models.activate(name, None)
             except AgentError as exc:
                 log.info("model unloaded", extra={"model": name, "reason": str(exc)})
+        await self._announce()
 
     # -- files -------------------------------------------------------------------
 
