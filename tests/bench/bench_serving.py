@@ -209,7 +209,8 @@ def tiny_model_bytes() -> bytes:
 
 MODEL_BUILDERS: dict[str, tuple[str, Callable[[], bytes], int]] = {
     # name: (description, builder, max_queue_delay_microseconds for the batching variant)
-    "tiny": ("example tabular classifier, 8 features", tiny_model_bytes, 100),
+    # asyncio's epoll waits in whole milliseconds: a delay under 1000 us waits ~1 ms anyway.
+    "tiny": ("example tabular classifier, 8 features", tiny_model_bytes, 1000),
     "conv": ("conv net 3x64x64, 6 convs", build_conv, 500),
     "mlp": ("MLP 6x1024x1024 FP32", build_mlp, 2000),
 }
@@ -273,6 +274,7 @@ class Cell:
     ready_log_ms: float | None = None
     ready_rpc_ms: float | None = None
     first_error: str = ""
+    load1: float | None = None  # 1-minute load average when measured (the box is shared)
     latencies_ns: list[int] = field(default_factory=list, repr=False)
 
     def merged(self, other: Cell) -> Cell:
@@ -306,6 +308,7 @@ class Cell:
             ready_log_ms=self.ready_log_ms,
             ready_rpc_ms=self.ready_rpc_ms,
             first_error=self.first_error or other.first_error,
+            load1=mean(self.load1, other.load1),
             latencies_ns=latencies,
         )
 
@@ -925,6 +928,7 @@ def run(opts: Options) -> dict[str, Any]:
     cells: dict[tuple[str, int, str], Cell] = {}
 
     def add(cell: Cell) -> None:
+        cell.load1 = os.getloadavg()[0]
         _progress(cell)
         key = (cell.model, cell.concurrency, cell.server)
         cells[key] = cell if key not in cells else cells[key].merged(cell)
@@ -1006,7 +1010,7 @@ def print_table(cells: Sequence[Cell]) -> None:
     header = (
         f"{'model':<5} {'conc':>4} {'server':<9} {'infer/s':>8} {'samples/s':>9} "
         f"{'p50 us':>8} {'p99 us':>8} {'srv cpu%':>8} {'cli cpu%':>8} "
-        f"{'RSS idle':>8} {'RSS load':>8} {'ready ms log/rpc':>16} {'errors':>6}"
+        f"{'RSS idle':>8} {'RSS load':>8} {'ready ms log/rpc':>16} {'errors':>6} {'load':>5}"
     )
     print(header)
     print("-" * len(header))
@@ -1030,7 +1034,7 @@ def print_table(cells: Sequence[Cell]) -> None:
             f"{c.samples_per_s:>9.0f} {_fmt(c.p50_us):>8} {_fmt(c.p99_us):>8} "
             f"{_fmt(c.server_cpu_pct):>8} {_fmt(c.client_cpu_pct):>8} "
             f"{_fmt(c.rss_idle_mb, '.1f'):>8} {_fmt(c.rss_load_mb, '.1f'):>8} {ready:>16} "
-            f"{c.errors:>6}"
+            f"{c.errors:>6} {_fmt(c.load1, '.1f'):>5}"
         )
 
 
@@ -1209,7 +1213,8 @@ def report(result: dict[str, Any], opts: Options) -> dict[str, Any]:
         print(f"  {m.name}: {m.description}, max_batch_size {m.max_batch_size}{extra}")
     print(
         "RSS in MB (idle: after start-up, before load; load: peak while measured); "
-        "cpu% of one core; ready: spawn -> serving log line / first ServerReady true\n"
+        "cpu% of one core; ready: spawn -> serving log line / first ServerReady true; "
+        "load: 1-min load average when measured\n"
     )
     print_table(cells)
     if startup:
