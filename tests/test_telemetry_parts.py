@@ -427,3 +427,20 @@ def test_pure_telemetry_modules_import_no_protobuf_code() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_health_of_very_many_models_fits_the_message_limit() -> None:
+    from agent.telemetry.publisher import _fit_models
+
+    def model(i: int) -> dict[str, Any]:
+        return {"name": f"m{i}", "version": "1", "active": i % 7 == 0, "pad": "x" * 900}
+
+    body: dict[str, Any] = {"host": {}, "models": [model(i) for i in range(200)]}
+    _fit_models(body, MAX_MESSAGE_BYTES)
+    assert len(encode(body)) + 512 <= MAX_MESSAGE_BYTES
+    assert body["models_omitted"] == 200 - len(body["models"]) > 0
+    kept = {m["name"] for m in body["models"]}
+    assert {f"m{i}" for i in range(0, 200, 7)} <= kept  # every active version is kept
+    small: dict[str, Any] = {"models": [model(1)]}
+    _fit_models(small, MAX_MESSAGE_BYTES)
+    assert small["models_omitted"] == 0 and len(small["models"]) == 1

@@ -266,6 +266,7 @@ class TelemetryService:
         }
         st.last_health = {(s.name, s.version): s for s in snaps}
         st.last_health_at = now
+        _fit_models(body, MAX_MESSAGE_BYTES)
         await self._queue("health", HEALTH_SCHEMA, body)
 
     def _telemetry_counters(self) -> dict[str, Any]:
@@ -495,3 +496,23 @@ def _fit(body: dict[str, Any], limit: int) -> None:
         if gone:
             m["features"] = [f for i, f in enumerate(m["features"]) if i not in gone]
             m["features_omitted"] = len(gone)
+
+
+def _fit_models(body: dict[str, Any], limit: int) -> None:
+    """Health of very many model versions: keep the active ones first, count the rest."""
+    models: list[dict[str, Any]] = body["models"]
+    body["models_omitted"] = 0
+    size = len(encode(body)) + 512
+    if size <= limit:
+        return
+    order = sorted(range(len(models)), key=lambda i: (not models[i]["active"], i))
+    keep: set[int] = set()
+    budget = limit - 512 - (size - sum(len(encode(m)) + 1 for m in models))
+    for i in order:
+        n = len(encode(models[i])) + 1
+        if n > budget:
+            break
+        keep.add(i)
+        budget -= n
+    body["models"] = [m for i, m in enumerate(models) if i in keep]
+    body["models_omitted"] = len(models) - len(keep)
