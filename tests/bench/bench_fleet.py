@@ -12,7 +12,11 @@ as its own process. For each chunk size and window of the sweep it measures:
   else the in-test puller of tests/fleet_device.py (memory only);
 * raw: the same bytes in messages of the same size, published QoS 1 by a
   separate process with ``window`` PUBACKs outstanding, to a subscriber in this
-  process; timed from the first message received to the last.
+  process; timed from the first publish to the last message received.
+
+The agent's downloader time includes what a real download does besides the
+transfer: writing the partial file, fsynced range checkpoints and the SHA-256
+of the whole file at the end.
 
 Both sides use the agent's paho adapter (agent.mqtt_client). Each setting runs
 ``--repeat`` times and the fastest run of each side counts (shared, noisy hosts).
@@ -21,8 +25,14 @@ Prints a table of MB/s and the ratio download / raw (target >= 50%).
     .venv/bin/python tests/bench/bench_fleet.py [--size-mb 100] [--tls]
         [--chunks 65536,262144,1048576] [--windows 4,16,64] [--repeat 3]
 
-Update-to-active time and p99 latency during the swap need the agent's update
-engine end to end and are not measured here.
+Then (unless ``--no-update``) the update itself, end to end: a real
+``edge-agent serve`` process serving the example ``tabular_classifier`` (version
+2) under closed-loop tritonclient load (``--clients`` threads) gets a signed
+deployment of version 3 (version 1's weights padded to ``--size-mb``) from the
+same controller. Reported: time from publishing the deployment to each phase
+(from the job progress the agent reports, via the controller's status file),
+and request latency p50/p99 in steady state, during the whole update and in the
+swap window (Activating .. Active, +-250 ms), with the failed request count.
 """
 
 from __future__ import annotations
@@ -39,16 +49,18 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
 from agent.controller.store import ArtifactStore
 from agent.mqtt_client import MqttClient, MqttSettings
-from agent.signing.keys import TrustStore
+from agent.signing.keys import TrustStore, write_key_pair
 from tests.controller_process import ControllerProcess, controller_toml
 from tests.fleet_device import (
     DeviceClient,
     DownloadStats,
+    SigningKeys,
     device_settings,
     make_signed_version,
     make_signing_keys,
@@ -56,6 +68,9 @@ from tests.fleet_device import (
 from tests.mqtt_broker import CONTROLLER_IDENTITY, MosquittoBroker, TlsMaterial
 
 MB = 1_000_000
+UPDATE_DEVICE = "bench-agent"
+UPDATE_MODEL = "tabular_classifier"
+EXAMPLE = Path(__file__).resolve().parents[2] / "models" / UPDATE_MODEL
 MIB = 1024 * 1024
 DEVICE = "bench-device"
 
@@ -99,6 +114,7 @@ def raw_publisher_main(args: argparse.Namespace) -> int:
             finally:
                 slots.release()
 
+        print(f"START {time.time()!r}", flush=True)  # wall clock: the parent compares
         remaining = args.size
         while remaining > 0:
             await slots.acquire()
@@ -144,25 +160,28 @@ async def measure_raw(broker: MosquittoBroker, size: int, chunk: int, window: in
             str(window),
         ],
         stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         received = 0
-        first = 0.0
+        last = 0.0
         while received < size:
             message = await asyncio.wait_for(subscriber.messages.get(), 60)
-            if not first:
-                first = time.perf_counter()
             received += len(message.payload)
-        elapsed = time.perf_counter() - first
-        if proc.wait(60) != 0:
+            last = time.time()
+        out, _ = await asyncio.to_thread(proc.communicate, None, 60)
+        if proc.returncode != 0:
             raise RuntimeError("raw publisher failed")
+        started = float(out.split("START ", 1)[1].split()[0])
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
         await subscriber.stop()
-    # The first message's own transfer is not in the interval: scale to the full size.
-    return elapsed * size / max(size - chunk, 1)
+    # From the publisher's first publish to the subscriber's last byte, like a download
+    # from its first request to its last chunk.
+    return last - started
 
 
 # --------------------------------------------------------------------------- download
@@ -228,6 +247,219 @@ async def download_with_puller(
         await device.stop()
 
 
+# --------------------------------------------------------------------------- update
+
+
+@dataclass
+class UpdateResult:
+    phases: dict[str, float]  # "Phase/STATUS" -> seconds after the deployment was published
+    steady: list[float]
+    during: list[float]
+    swap: list[float]
+    failures: int
+    status: str
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def padded_model(source: Path, size: int) -> bytes:
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_model_from_string(source.read_bytes())
+    padding = max(size - len(source.read_bytes()), 0)
+    pad = np.frombuffer(os.urandom(padding), np.uint8)
+    model.graph.initializer.append(numpy_helper.from_array(pad, "padding"))
+    return model.SerializeToString()
+
+
+def measure_update(
+    broker: MosquittoBroker,
+    tmp: Path,
+    store_dir: Path,
+    signing: SigningKeys,
+    deploy_key: Path,
+    deploy_trust: Path,
+    size: int,
+    clients: int,
+) -> UpdateResult:
+    import threading
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from agent.controller.deploy import issue_deployment, publish_deployment
+    from agent.controller.status import load_status
+    from agent.signing.keys import load_private_key
+    from agent.signing.version_dir import sign_version
+    from tests.agent_process import AgentProcess, write_toml
+
+    private_key = load_private_key(signing.private_key)
+    repository = tmp / "agent-repo"
+    for version in ("1", "2"):
+        shutil.copytree(EXAMPLE / version, repository / UPDATE_MODEL / version)
+        sign_version(repository / UPDATE_MODEL / version, private_key)
+    shutil.copy(EXAMPLE / "config.pbtxt", repository / UPDATE_MODEL / "config.pbtxt")
+    published = tmp / "update-published" / UPDATE_MODEL / "3"
+    published.mkdir(parents=True)
+    (published / "model.onnx").write_bytes(padded_model(EXAMPLE / "1" / "model.onnx", size))
+    sign_version(published, private_key, model_name=UPDATE_MODEL)
+    shutil.copy(EXAMPLE / "config.pbtxt", published.parent / "config.pbtxt")
+    store = ArtifactStore(store_dir)
+    store.publish(published, UPDATE_MODEL, 3, TrustStore.from_directory(signing.trust_dir))
+    mqtt: dict[str, Any] = {
+        "enabled": True,
+        "host": broker.host,
+        "port": broker.port,
+        "device_id": UPDATE_DEVICE,
+        "reconnect_max_s": 1.0,
+    }
+    if broker.tls is not None:
+        cert = broker.tls.client(UPDATE_DEVICE)
+        mqtt |= {
+            "tls_ca": str(broker.tls.ca_cert),
+            "tls_cert": str(cert.cert),
+            "tls_key": str(cert.key),
+        }
+    config = write_toml(
+        tmp / "agent.toml",
+        {
+            "server": {"address": "127.0.0.1:0"},
+            "repository": {"path": str(repository)},
+            "signing": {"trust_dir": str(signing.trust_dir)},
+            "state": {"dir": str(tmp / "agent-state")},
+            "mqtt": mqtt,
+            "fleet": {
+                "deployment_trust_dir": str(deploy_trust),
+                "probation_min_requests": 1_000_000_000,
+                "max_model_bytes": 2 * size + 10 * MB,
+            },
+        },
+    )
+    agent = AgentProcess(config).wait_serving()
+    features = np.linspace(-1.0, 1.0, 8, dtype=np.float32).reshape(1, 8)
+    samples: list[tuple[float, float]] = []  # (start time, latency)
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        client = grpcclient.InferenceServerClient(agent.address)
+        try:
+            while not stop.is_set():
+                inp = grpcclient.InferInput("features", [1, 8], "FP32")
+                inp.set_data_from_numpy(features)
+                started = time.time()
+                t0 = time.perf_counter()
+                try:
+                    client.infer(UPDATE_MODEL, [inp])
+                    samples.append((started, time.perf_counter() - t0))
+                except Exception as exc:
+                    failures.append(repr(exc))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=load) for _ in range(clients)]
+    try:
+        time.sleep(1.0)  # the agent's birth message and first connection settle
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)  # warm-up
+        steady_from = time.time()
+        time.sleep(3.0)
+        issued = issue_deployment(
+            store,
+            UPDATE_MODEL,
+            3,
+            [UPDATE_DEVICE],
+            load_private_key(deploy_key),
+            probation_s=1,
+        )
+
+        async def send() -> float:
+            client = MqttClient(
+                device_settings(broker, CONTROLLER_IDENTITY, client_id="bench-deployer")
+            )
+            await client.start()
+            await client.wait_connected(10)
+            published_at = time.time()
+            await publish_deployment(client, broker.prefix, issued)
+            await client.stop()
+            return published_at
+
+        t0 = asyncio.run(send())
+        status_path = store_dir / "status.json"
+        history: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 300
+        final = ""
+        while time.monotonic() < deadline and not final:
+            time.sleep(0.05)
+            try:
+                device = load_status(status_path)["devices"].get(UPDATE_DEVICE, {})
+            except (OSError, ValueError):
+                continue
+            history = [
+                j
+                for j in device.get("job_history", [])
+                if j.get("deployment_id") == issued.deployment_id
+            ]
+            for job in history:
+                if job.get("status") in {"SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT"}:
+                    final = str(job["status"])
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        agent.stop()
+    phases: dict[str, float] = {}
+    for job in history:
+        phases.setdefault(f"{job['phase']}/{job['status']}", float(job["ts"]) - t0)
+    end = t0 + max(phases.values(), default=0.0)
+    swap_from = t0 + phases.get("Activating/IN_PROGRESS", 0.0) - 0.25
+    swap_to = t0 + phases.get("Active/IN_PROGRESS", 0.0) + 0.25
+    return UpdateResult(
+        phases=phases,
+        steady=[lat for start, lat in samples if steady_from <= start < t0],
+        during=[lat for start, lat in samples if t0 <= start <= end],
+        swap=[lat for start, lat in samples if swap_from <= start <= swap_to],
+        failures=len(failures),
+        status=final or "no result",
+    )
+
+
+def print_update(result: UpdateResult, size_mb: int, clients: int) -> None:
+    print()
+    print(
+        f"Update of tabular_classifier 2 -> 3 ({size_mb} MB), {clients} tritonclient threads "
+        f"of closed-loop load; job {result.status}, {result.failures} failed requests"
+    )
+    print("  seconds from publishing the deployment to each reported phase:")
+    for phase, seconds in sorted(result.phases.items(), key=lambda item: item[1]):
+        print(f"    {phase:<28} {seconds:>7.2f}")
+    print(
+        f"  {'latency (ms)':<24} {'requests':>9} {'p50':>8} {'p99':>8} {'max':>8} "
+        f"{'p99/steady':>11}"
+    )
+    steady_p99 = _percentile(result.steady, 99)
+    for name, values in (
+        ("steady state (3 s)", result.steady),
+        ("whole update", result.during),
+        ("swap window", result.swap),
+    ):
+        p99 = _percentile(values, 99)
+        print(
+            f"  {name:<24} {len(values):>9} {_percentile(values, 50) * 1e3:>8.2f} "
+            f"{p99 * 1e3:>8.2f} {max(values, default=float('nan')) * 1e3:>8.2f} "
+            f"{p99 / steady_p99:>10.2f}x"
+        )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -241,6 +473,8 @@ def main() -> int:
         "--repeat", type=int, default=3, help="runs per setting; the fastest counts (noisy hosts)"
     )
     parser.add_argument("--downloader", choices=["auto", "agent", "puller"], default="auto")
+    parser.add_argument("--no-update", action="store_true", help="skip the end-to-end update")
+    parser.add_argument("--clients", type=int, default=4, help="load threads during the update")
     # internal: the raw publisher child process
     parser.add_argument("--raw-publisher", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
@@ -280,6 +514,10 @@ def main() -> int:
             config = controller_toml(
                 tmp / "controller.toml", broker, store, max_chunk_bytes=max(chunks)
             )
+            deploy_pair = write_key_pair(tmp / "deploy-keys", "deployment")
+            deploy_trust = tmp / "deploy-trust"
+            deploy_trust.mkdir()
+            shutil.copy(deploy_pair.public_key, deploy_trust)
             controller = ControllerProcess(config).wait_serving()
             rows: list[Row] = []
             for chunk in chunks:
@@ -313,6 +551,19 @@ def main() -> int:
                         )
                     )
                     print(f"  measured chunk {chunk} window {window}", file=sys.stderr)
+            update = None
+            if not args.no_update:
+                print("  measuring the update", file=sys.stderr)
+                update = measure_update(
+                    broker,
+                    tmp,
+                    store,
+                    signing,
+                    deploy_pair.private_key,
+                    deploy_trust,
+                    size,
+                    args.clients,
+                )
             stopped = controller.stop()
         finally:
             if controller is not None:
@@ -337,7 +588,8 @@ def main() -> int:
         f"KiB, window {best.window} ({best.raw_s / best.download_s:.0%} of raw at the same "
         f"setting); controller served {stopped['chunks'] if stopped else '?'} chunks"
     )
-    print("update-to-active time and p99 during the swap: not measured here (agent side)")
+    if update is not None:
+        print_update(update, args.size_mb, args.clients)
     return 0
 
 

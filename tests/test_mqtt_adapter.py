@@ -1,0 +1,40 @@
+"""agent.mqtt_client against a real mosquitto: acknowledgement bookkeeping."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent.mqtt_client import MqttClient, MqttError
+from tests.fleet_device import device_settings
+from tests.mqtt_broker import MosquittoBroker
+
+MID_SPACE = 65535  # paho's message ids run 1..65535 and wrap
+
+
+def test_awaited_publish_after_mid_wraparound_still_waits_for_its_own_ack(
+    mqtt_tls_broker: MosquittoBroker,
+) -> None:
+    """Acks of publishes nobody awaits must not answer a later publish with the same id.
+
+    After MID_SPACE un-awaited QoS 1 publishes every message id has been used once;
+    an awaited publish the broker refuses (ACL) must still raise.
+    """
+
+    async def scenario() -> None:
+        client = MqttClient(device_settings(mqtt_tls_broker, "dev-a", max_inflight=1000))
+        await client.start()
+        try:
+            await client.wait_connected(10)
+            for i in range(MID_SPACE):
+                await client.publish("edge/devices/dev-a/health", b"%d" % i, qos=1, wait_ack=False)
+            # Let every PUBACK arrive, then pass the id space once more with awaited
+            # publishes that the broker accepts.
+            await client.publish("edge/devices/dev-a/health", b"sync", qos=1)
+            with pytest.raises(MqttError, match="Not authorized"):
+                await client.publish("edge/devices/dev-b/health", b"forged", qos=1)
+        finally:
+            await client.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
