@@ -461,9 +461,10 @@ def test_sigterm_drains_in_flight_requests(service_factory: Any) -> None:
     for i, (started, ended, value) in results.items():
         assert value == iters + i, results
         assert started < t_term < ended - 0.5
-    # The agent exits once the last one is done, not at the end of drain_timeout_s.
+    # The agent exits once the last one is done, not at the end of drain_timeout_s (20 s);
+    # the margins are wide because a loaded 2-core CI machine stretches everything.
     last = max(ended for _, ended, _ in results.values())
-    assert exited - last < 2.0 and exited - t_term < 20, (exited - last, exited - t_term)
+    assert exited - last < 8.0 and exited - t_term < 16, (exited - last, exited - t_term)
     client.close()
     stream_client.stop_stream(cancel_requests=True)
     stream_client.close()
