@@ -144,6 +144,7 @@ def test_update_goes_through_every_phase_without_failing_a_request(fleet: Fleet)
     failures: list[str] = []
     answers: set[float] = set()
     stop = threading.Event()
+    loading = threading.Event()
 
     def load() -> None:
         client = fleet.triton()
@@ -153,6 +154,7 @@ def test_update_goes_through_every_phase_without_failing_a_request(fleet: Fleet)
                     return
                 try:
                     answers.add(float(infer(client)[0, 0]))
+                    loading.set()
                 except Exception as exc:
                     failures.append(repr(exc))
         finally:
@@ -161,6 +163,7 @@ def test_update_goes_through_every_phase_without_failing_a_request(fleet: Fleet)
     loader = threading.Thread(target=load)
     loader.start()
     try:
+        assert loading.wait(20)  # the load runs before the update starts
         fleet.controller.deploy(doc, fleet.keys.deploy)
         done = fleet.controller.wait_job(doc["deployment_id"], {"SUCCEEDED", "FAILED"}, 30)
     finally:
