@@ -307,6 +307,7 @@ def test_deploy_refuses_unknown_versions_and_bad_devices(fleet: Fleet) -> None:
     assert bad.returncode == 1
     assert "device id" in bad.stderr
     assert not (fleet.store / "deployments").exists()
+    assert not (fleet.store / "sequence").exists()  # no sequence number spent
 
 
 # --------------------------------------------------------------------------- serve

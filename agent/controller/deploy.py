@@ -56,6 +56,18 @@ class IssuedDeployment:
         return int(self.deployment["sequence"])
 
 
+def check_devices(devices: Sequence[str]) -> None:
+    if not devices:
+        raise DeploymentError("name at least one device")
+    if len(devices) > MAX_DEVICES:
+        raise DeploymentError(f"at most {MAX_DEVICES} devices per deployment")
+    for device in devices:
+        if not is_device_id(device):
+            raise DeploymentError(f"device id {device!r}: 1-64 letters, digits, '_', '.' or '-'")
+    if len(set(devices)) != len(devices):
+        raise DeploymentError("a device is named twice")
+
+
 def build_deployment(
     manifest: ModelManifest,
     devices: Sequence[str],
@@ -68,15 +80,7 @@ def build_deployment(
     deployment_id: str | None = None,
 ) -> dict[str, Any]:
     """The deployment document (the payload that gets signed)."""
-    if not devices:
-        raise DeploymentError("name at least one device")
-    if len(devices) > MAX_DEVICES:
-        raise DeploymentError(f"at most {MAX_DEVICES} devices per deployment")
-    for device in devices:
-        if not is_device_id(device):
-            raise DeploymentError(f"device id {device!r}: 1-64 letters, digits, '_', '.' or '-'")
-    if len(set(devices)) != len(devices):
-        raise DeploymentError("a device is named twice")
+    check_devices(devices)
     if expires_in_s <= 0:
         raise DeploymentError(f"expires-in {expires_in_s}: must be positive")
     if probation_s < 0:
@@ -115,6 +119,7 @@ def issue_deployment(
     now: float | None = None,
 ) -> IssuedDeployment:
     """Build and sign a deployment of a published version; record it in the store."""
+    check_devices(devices)
     manifest = store.manifest(model, version)
     for entry in (*manifest.files, *((manifest.config,) if manifest.config else ())):
         if not store.has_blob(entry.sha256):
