@@ -30,6 +30,10 @@ probation_s = 60
 
 [signing]
 trust_dir = "models/keys/trusted"  # model-signing keys that publish verifies against
+
+[groups]                  # deployment groups: device ids or shell patterns
+canary = ["dev-001", "dev-002"]
+plant-a = ["plant-a-*"]
 ```
 """
 
@@ -40,7 +44,7 @@ import os
 import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +77,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "store": {"dir": "controller-store", "status_file": ""},
     "deploy": {"key": "", "passphrase_file": "", "expires_in_s": 7 * 24 * 3600, "probation_s": 60},
     "signing": {"trust_dir": "models/keys/trusted"},
+    "groups": {},
 }
 
 
@@ -129,6 +134,14 @@ _SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": _strings("trust_dir"),
         },
+        "groups": {
+            "type": "object",
+            "propertyNames": {"pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+            "additionalProperties": {
+                "type": "array",
+                "items": {"type": "string", "pattern": "^[A-Za-z0-9_.*?\\[\\]!-]{1,64}$"},
+            },
+        },
     },
 }
 
@@ -148,6 +161,7 @@ class ControllerConfig:
     probation_s: int
     trust_dir: Path
     source: str
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -227,6 +241,7 @@ def build_controller_config(
         probation_s=deploy["probation_s"],
         trust_dir=Path(merged["signing"]["trust_dir"]),
         source=source,
+        groups={name: tuple(members) for name, members in merged["groups"].items()},
     )
 
 
