@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from agent import __version__
+from agent.controller.rollout_cli import add_drive_options, add_rollout_options
 from agent.errors import AgentError, ConfigError
 
 if TYPE_CHECKING:
@@ -125,6 +126,12 @@ def run_deploy(args: argparse.Namespace) -> int:
         config = _config(args)
         if config.deploy_key is None:
             raise ConfigError("no deployment key: pass --key or set 'deploy.key'")
+        if (args.group is None) == (not args.device):
+            raise ConfigError("name the devices: --device ID (repeatable) or --group G")
+        if args.group is not None:
+            from agent.controller.rollout_cli import run_deploy_group
+
+            return run_deploy_group(config, args)
         passphrase = (
             keys.read_passphrase_file(config.passphrase_file) if config.passphrase_file else None
         )
@@ -161,6 +168,16 @@ def run_deploy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_rollout_command(args: argparse.Namespace) -> int:
+    from agent.controller.rollout_cli import run_rollout
+
+    try:
+        config = _config(args)
+    except AgentError as exc:
+        return _fail(exc)
+    return run_rollout(config, args)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from agent.controller.service import serve
     from agent.logs import configure_logging
@@ -177,21 +194,50 @@ def run_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _load_devices(config: ControllerConfig) -> dict[str, Any]:
+    """The devices of the status file ``serve`` writes; raises OSError/ValueError."""
+    from agent.controller.status import load_status
+
+    devices: dict[str, Any] = load_status(config.status_file).get("devices", {})
+    return devices
+
+
+def _fleet_rows(config: ControllerConfig, group: str | None) -> list[Any]:
+    from agent.controller.fleetview import fleet_rows, resolve_group
+
+    devices = _load_devices(config)
+    only = None
+    if group is not None:
+        try:
+            only = resolve_group(group, config.groups, devices)
+        except KeyError:
+            raise ConfigError(
+                f"no group {group!r} (declared: {', '.join(sorted(config.groups)) or 'none'})"
+            ) from None
+    return fleet_rows(devices, config.groups, only)
+
+
+def _no_status(exc: Exception) -> int:
+    print(
+        f"edge-controller: no status yet ({exc}); `edge-controller serve` writes it",
+        file=sys.stderr,
+    )
+    return EXIT_FAILURE
+
+
 def run_status(args: argparse.Namespace) -> int:
-    from agent.controller.status import load_status, summary_line
+    from agent.controller.fleetview import table_lines
 
     try:
         config = _config(args)
-        status = load_status(config.status_file)
+        if args.device is not None:
+            devices = _load_devices(config)
+        else:
+            rows = _fleet_rows(config, args.group)
     except AgentError as exc:
         return _fail(exc)
     except (OSError, ValueError) as exc:
-        print(
-            f"edge-controller: no status yet ({exc}); `edge-controller serve` writes it",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
-    devices: dict[str, Any] = status.get("devices", {})
+        return _no_status(exc)
     if args.device is not None:
         entry = devices.get(args.device)
         if entry is None:
@@ -200,11 +246,48 @@ def run_status(args: argparse.Namespace) -> int:
         print(json.dumps(entry, indent=2, sort_keys=True))
         return EXIT_OK
     if args.json:
-        print(json.dumps(devices, indent=2, sort_keys=True))
+        print(json.dumps([row.to_json() for row in rows], indent=2, sort_keys=True))
         return EXIT_OK
-    print(f"{'DEVICE':<24} {'STATE':<8} {'ACTIVE':<32} {'JOB':<24} LAST SEEN")
-    for name in sorted(devices):
-        print(summary_line(devices[name]))
+    print("\n".join(table_lines(rows)))
+    return EXIT_OK
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    """Redraw the status table every ``--interval`` seconds until Ctrl-C (or ``--count``)."""
+    import time
+
+    from agent.controller.fleetview import table_lines
+
+    try:
+        config = _config(args)
+    except AgentError as exc:
+        return _fail(exc)
+    tty = sys.stdout.isatty() and not args.json
+    shown = 0
+    try:
+        while args.count is None or shown < args.count:
+            if shown:
+                time.sleep(args.interval)
+            try:
+                rows = _fleet_rows(config, args.group)
+                if args.json:
+                    lines = [json.dumps([row.to_json() for row in rows], sort_keys=True)]
+                else:
+                    stamp = time.strftime("%H:%M:%S")
+                    lines = [f"edge-controller watch  {stamp}  (Ctrl-C to quit)"]
+                    lines += table_lines(rows)
+            except AgentError as exc:
+                return _fail(exc)
+            except (OSError, ValueError) as exc:
+                lines = [f"no status yet ({exc}); waiting for `edge-controller serve`"]
+            if tty:
+                sys.stdout.write("\x1b[H\x1b[2J")  # home, clear screen
+            sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.flush()
+            shown += 1
+    except KeyboardInterrupt:
+        if tty:
+            sys.stdout.write("\n")
     return EXIT_OK
 
 
@@ -269,14 +352,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deploy.add_argument("model", metavar="MODEL")
     deploy.add_argument("version", type=int, metavar="VERSION")
-    deploy.add_argument("--device", action="append", required=True, metavar="ID")
+    deploy.add_argument("--device", action="append", metavar="ID", help="deploy at once")
     deploy.add_argument("--allow-downgrade", action="store_true")
     deploy.add_argument("--expires-in", type=int, metavar="S", help="validity (default 7 days)")
     deploy.add_argument("--probation", type=int, metavar="S", help="probation window seconds")
     deploy.add_argument("--key", type=Path, help="deployment private key (PEM)")
     deploy.add_argument("--passphrase-file", type=Path, metavar="F")
     deploy.add_argument("--timeout", type=float, default=10.0, help="broker timeout seconds")
+    add_rollout_options(deploy)
     deploy.set_defaults(func=run_deploy)
+
+    rollout = sub.add_parser(
+        "rollout", parents=[common], help="list, follow, pause, resume or abort staged rollouts"
+    )
+    rollout.add_argument("action", choices=["list", "status", "pause", "resume", "abort"])
+    rollout.add_argument("rollout_id", nargs="?", metavar="ID")
+    rollout.add_argument("--json", action="store_true")
+    rollout.add_argument("--key", type=Path, help="deployment private key (PEM)")
+    rollout.add_argument("--passphrase-file", type=Path, metavar="F")
+    rollout.add_argument("--timeout", type=float, default=10.0, help="broker timeout seconds")
+    add_drive_options(rollout)
+    rollout.set_defaults(func=run_rollout_command)
 
     serve = sub.add_parser("serve", parents=[common], help="serve chunks and follow device status")
     serve.add_argument("--max-chunk-bytes", type=int, help="largest chunk served (1 MiB)")
@@ -287,8 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", parents=[common], help="show what devices reported")
     status.add_argument("device", nargs="?", metavar="DEVICE")
+    status.add_argument("--group", metavar="G", help="only the devices of group G")
     status.add_argument("--json", action="store_true", help="all devices as JSON")
     status.set_defaults(func=run_status)
+
+    watch = sub.add_parser(
+        "watch", parents=[common], help="the status table, redrawn live (Ctrl-C to quit)"
+    )
+    watch.add_argument("--group", metavar="G", help="only the devices of group G")
+    watch.add_argument("--interval", type=float, default=1.0, metavar="S", help="redraw period")
+    watch.add_argument("--count", type=int, metavar="N", help="stop after N redraws")
+    watch.add_argument("--json", action="store_true", help="one JSON line per redraw")
+    watch.set_defaults(func=run_watch)
     return parser
 
 

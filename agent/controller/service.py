@@ -13,16 +13,22 @@ import signal
 import time
 from typing import Final
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.controller import rollout as ro
 from agent.controller.config import ControllerConfig
+from agent.controller.follower import observations
 from agent.controller.protocol import report_subscriptions, split_report_topic
+from agent.controller.rollout_driver import RolloutBook, RolloutDriver, owner_id
 from agent.controller.server import ChunkServer, stats_event
 from agent.controller.status import StatusBook
-from agent.controller.store import ArtifactStore
-from agent.mqtt_client import Message, MqttClient
+from agent.controller.store import ArtifactStore, StoreError
+from agent.mqtt_client import Message, MqttClient, MqttError
 
 log = logging.getLogger("agent.controller")
 
 STATS_INTERVAL_S: Final = 10.0
+ROLLOUT_TICK_S: Final = 1.0
 CONNECT_LOG_INTERVAL_S: Final = 10.0
 
 
@@ -40,6 +46,17 @@ class ControllerService:
             max_bytes_per_s=config.max_bytes_per_s,
         )
         self.status = StatusBook(config.status_file)
+        self.rollouts = RolloutBook(config.store_dir)
+        self.driver: RolloutDriver | None = None
+        if config.deploy_key is not None:
+            self.driver = RolloutDriver(
+                self.store,
+                self.rollouts,
+                self.client,
+                config.prefix,
+                _load_key(config),
+                owner_id(config.broker.client_id or "serve"),
+            )
         self._stop = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -84,6 +101,39 @@ class ControllerService:
                     last_chunks = self.server.stats.chunks
                     log.info("stats", extra=stats_event(self.server.stats, started))
 
+    async def _drive_rollouts(self) -> None:
+        """Resume and drive every unfinished rollout whose lease this process gets."""
+        driver = self.driver
+        if driver is None:
+            return
+        # Reports (retained reported states) arrive first; do not judge an empty book.
+        await asyncio.sleep(ROLLOUT_TICK_S)
+        while True:
+            for rollout_id in self.rollouts.ids():
+                try:
+                    state = self.rollouts.load(rollout_id)
+                    if state.finished or state.status == "paused":
+                        continue
+                    after = await driver.step(
+                        rollout_id, lambda plan: observations(self.status, plan)
+                    )
+                except (ro.RolloutError, StoreError, MqttError) as exc:
+                    log.error(
+                        "rollout step failed", extra={"rollout": rollout_id, "reason": str(exc)}
+                    )
+                    continue
+                if after is not None and after.updated_at != state.updated_at:
+                    log.info(
+                        "rollout",
+                        extra={
+                            "rollout": rollout_id,
+                            "status": after.status,
+                            "wave": (after.current_wave or 0) + 1,
+                            "note": after.history[-1][1] if after.history else "",
+                        },
+                    )
+            await asyncio.sleep(ROLLOUT_TICK_S)
+
     async def run(self) -> None:
         started = time.monotonic()
         try:
@@ -103,15 +153,26 @@ class ControllerService:
             )
             consumer = asyncio.create_task(self._consume())
             ticker = asyncio.create_task(self._tick(started))
+            rollouts = asyncio.create_task(self._drive_rollouts())
             await self._stop.wait()
-            for task in (consumer, ticker):
+            for task in (consumer, ticker, rollouts):
                 task.cancel()
-            await asyncio.gather(consumer, ticker, return_exceptions=True)
+            await asyncio.gather(consumer, ticker, rollouts, return_exceptions=True)
         finally:
             await self.server.close()
             self.status.maybe_flush(force=True)
             await self.client.stop()
             log.info("stopped", extra=stats_event(self.server.stats, started))
+
+
+def _load_key(config: ControllerConfig) -> ec.EllipticCurvePrivateKey:
+    from agent.signing import keys
+
+    assert config.deploy_key is not None
+    passphrase = (
+        keys.read_passphrase_file(config.passphrase_file) if config.passphrase_file else None
+    )
+    return keys.load_private_key(config.deploy_key, passphrase)
 
 
 async def serve(config: ControllerConfig) -> None:

@@ -1,0 +1,373 @@
+"""``edge-controller deploy --group`` and ``edge-controller rollout ...``.
+
+``deploy MODEL VERSION --group G`` plans a staged rollout (waves from ``--first``
+and ``--wave-size``), saves it in the store, and drives it in the foreground
+with a progress bar per wave until it completes, halts, is paused or aborted
+(``--detach``: leave it to the ``serve`` processes, which resume every
+unfinished rollout). ``rollout status|pause|resume|abort|list``; ``rollout
+resume ID`` also drives it in the foreground again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from agent.controller import rollout as ro
+from agent.errors import AgentError, ConfigError
+
+if TYPE_CHECKING:
+    from agent.controller.config import ControllerConfig
+    from agent.controller.follower import FleetFollower
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_CONFIG: Final = 2
+EXIT_NOT_FOUND: Final = 3
+BAR_WIDTH: Final = 24
+
+
+def _fail(exc: Exception) -> int:
+    code = getattr(exc, "code", "")
+    print(f"edge-controller: FAILED{' ' + code if code else ''}: {exc}", file=sys.stderr)
+    if getattr(exc, "code", "") == "not_found":
+        return EXIT_NOT_FOUND
+    return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def _bar(done: int, total: int, failed: int = 0) -> str:
+    total = max(total, 1)
+    full = round(BAR_WIDTH * done / total)
+    bad = min(BAR_WIDTH - full, round(BAR_WIDTH * failed / total)) if failed else 0
+    return "[" + "#" * full + "x" * bad + "." * (BAR_WIDTH - full - bad) + "]"
+
+
+def progress_lines(
+    state: ro.RolloutState, seen: dict[str, ro.DeviceObservation], now: float
+) -> list[str]:
+    """One line per wave: a bar of devices Active/SUCCEEDED, failures, the soak clock."""
+    plan = state.plan
+    lines = [
+        f"rollout {plan.rollout_id}: {plan.model} v{plan.version} -> group {plan.group} "
+        f"({len(plan.devices)} devices): {state.status.upper()}"
+    ]
+    for index, (devices, wave) in enumerate(zip(plan.waves, state.waves, strict=True)):
+        done = 0
+        for device in devices:
+            ident = wave.deployments.get(device)
+            obs = seen.get(device)
+            if ident is not None and obs is not None and obs.job_deployment_id == ident:
+                done += obs.job_phase == "Active" and obs.job_status == "SUCCEEDED"
+        if wave.status == "passed":
+            done = len(devices)
+        detail: str = wave.status
+        if wave.status == "soaking" and wave.succeeded_at is not None:
+            detail = f"soaking {min(now - wave.succeeded_at, plan.soak_s):.0f}/{plan.soak_s:g}s"
+        lines.append(
+            f"  wave {index + 1}/{len(plan.waves)} {_bar(done, len(devices), len(wave.failures))}"
+            f" {done:>4}/{len(devices):<4} succeeded  {len(wave.failures)} failed  {detail}"
+        )
+    if state.halt_reason:
+        lines.append(f"  halted: {state.halt_reason}")
+    if state.rollback != "none":
+        lines.append(
+            f"  roll back: {state.rollback} ({len(state.rollback_deployments)} devices)"
+        )
+    return lines
+
+
+# --------------------------------------------------------------------------- driving
+
+
+async def _start_follower(config: ControllerConfig, timeout: float) -> FleetFollower:
+    from dataclasses import replace
+
+    from agent.controller.follower import FleetFollower
+
+    settings = replace(
+        config.broker, client_id=f"{config.broker.client_id}-rollout"[:128]
+    )
+    follower = FleetFollower(settings, config.prefix)
+    await follower.start(timeout)
+    await follower.settle()
+    return follower
+
+
+async def _drive(
+    config: ControllerConfig,
+    rollout_id: str,
+    follower: FleetFollower,
+    *,
+    interval: float,
+    max_wait: float,
+    quiet: bool,
+) -> ro.RolloutState:
+    from agent.controller.rollout_driver import RolloutBook, RolloutDriver, owner_id
+    from agent.controller.service import _load_key
+    from agent.controller.store import ArtifactStore
+
+    if config.deploy_key is None:
+        raise ConfigError("no deployment key: pass --key or set 'deploy.key'")
+    book = RolloutBook(config.store_dir)
+    owner = owner_id("cli")
+    driver = RolloutDriver(
+        ArtifactStore(config.store_dir),
+        book,
+        follower.client,
+        config.prefix,
+        _load_key(config),
+        owner,
+    )
+    tty = sys.stdout.isatty()
+    deadline = time.monotonic() + max_wait
+    last_text = ""
+    other_noted = False
+    try:
+        while True:
+            state = await driver.step(rollout_id, follower.observe)
+            if state is None:
+                state = book.load(rollout_id)
+                if not other_noted and not quiet:
+                    lease = book.lease(rollout_id)
+                    print(f"(driven by {lease.owner if lease else 'another controller'})")
+                    other_noted = True
+            lines = progress_lines(state, dict(follower.observe(state.plan)), time.time())
+            text = "\n".join(lines)
+            if not quiet and text != last_text:
+                if tty and last_text:
+                    sys.stdout.write(f"\x1b[{last_text.count(chr(10)) + 1}F\x1b[J")
+                sys.stdout.write(text + "\n")
+                sys.stdout.flush()
+                last_text = text
+            if state.finished or state.status == "paused" or time.monotonic() > deadline:
+                return state
+            await asyncio.sleep(interval)
+    finally:
+        book.release(rollout_id, owner)
+
+
+def _outcome(state: ro.RolloutState) -> int:
+    if state.status == "completed":
+        print(f"rollout {state.plan.rollout_id} completed")
+        return EXIT_OK
+    if state.status == "paused":
+        print(f"rollout {state.plan.rollout_id} paused; `edge-controller rollout resume` continues")
+        return EXIT_OK
+    if state.status in ("halted", "aborted"):
+        print(
+            f"rollout {state.plan.rollout_id} {state.status}"
+            f"{': ' + state.halt_reason if state.halt_reason else ''}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    print(
+        f"rollout {state.plan.rollout_id} still {state.status}; `edge-controller serve` "
+        "continues it (or `edge-controller rollout resume`)"
+    )
+    return EXIT_OK
+
+
+def _float_or_none(text: str | None) -> float | None:
+    if text is None or text.lower() in ("", "none", "off"):
+        return None
+    return float(text)
+
+
+async def _deploy_group(config: ControllerConfig, args: argparse.Namespace) -> int:
+    from agent.controller.fleetview import resolve_group
+    from agent.controller.rollout_driver import RolloutBook, new_rollout_id
+    from agent.controller.store import ArtifactStore
+
+    ArtifactStore(config.store_dir).manifest(args.model, args.version)  # published?
+    follower = await _start_follower(config, args.timeout)
+    try:
+        try:
+            devices = resolve_group(args.group, config.groups, follower.book.devices)
+        except KeyError:
+            raise ConfigError(
+                f"no group {args.group!r} (declared: "
+                f"{', '.join(sorted(config.groups)) or 'none'}; or tag:<tag>)"
+            ) from None
+        previous: dict[str, int | None] = {}
+        for device in devices:
+            models = (
+                (follower.book.devices.get(device, {}).get("reported") or {})
+                .get("message", {})
+                .get("models", {})
+            )
+            info = models.get(args.model) if isinstance(models, dict) else None
+            value = None
+            if isinstance(info, dict):
+                value = info.get("last_known_good") or info.get("active_version")
+            previous[device] = value if isinstance(value, int) else None
+        plan = ro.RolloutPlan(
+            rollout_id=new_rollout_id(),
+            model=args.model,
+            version=args.version,
+            group=args.group,
+            waves=ro.plan_waves(devices, args.first, args.wave_size),
+            previous=previous,
+            soak_s=args.soak,
+            wave_timeout_s=args.wave_timeout,
+            thresholds=ro.Thresholds(
+                max_error_rate=_float_or_none(args.max_error_rate),
+                max_p99_ms=_float_or_none(args.max_p99_ms),
+                halt_on_drift=not args.ignore_drift,
+                max_failed_devices=args.max_failed,
+            ),
+            rollback_on_halt=args.rollback_on_halt,
+            expires_in_s=args.expires_in if args.expires_in is not None else config.expires_in_s,
+            probation_s=args.probation if args.probation is not None else config.probation_s,
+            created_at=time.time(),
+        )
+        state = ro.new_rollout(plan, time.time())
+        RolloutBook(config.store_dir).create(state)
+        sizes = "+".join(str(len(w)) for w in plan.waves)
+        print(
+            f"rollout {plan.rollout_id}: {args.model} version {args.version} to group "
+            f"{args.group}: {len(devices)} devices in {len(plan.waves)} waves ({sizes})"
+        )
+        if args.detach:
+            print("detached: `edge-controller serve` drives it; `rollout status` follows it")
+            return EXIT_OK
+        state = await _drive(
+            config,
+            plan.rollout_id,
+            follower,
+            interval=args.interval,
+            max_wait=args.max_wait,
+            quiet=False,
+        )
+        return _outcome(state)
+    finally:
+        await follower.stop()
+
+
+def run_deploy_group(config: ControllerConfig, args: argparse.Namespace) -> int:
+    from agent.mqtt_client import MqttError
+
+    try:
+        return asyncio.run(_deploy_group(config, args))
+    except (AgentError, MqttError, ValueError) as exc:
+        return _fail(exc)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the rollout continues under `edge-controller serve`")
+        return EXIT_FAILURE
+
+
+# --------------------------------------------------------------------------- rollout ...
+
+
+async def _resume(config: ControllerConfig, args: argparse.Namespace) -> int:
+    from agent.controller.rollout_driver import RolloutBook
+
+    book = RolloutBook(config.store_dir)
+    state = book.load(args.rollout_id)
+    if state.status == "paused":
+        state = book.update(args.rollout_id, lambda s: ro.command(s, "resume", time.time()))
+        print(f"rollout {args.rollout_id} resumed")
+    if state.finished:
+        return _outcome(state)
+    if args.detach:
+        return EXIT_OK
+    follower = await _start_follower(config, args.timeout)
+    try:
+        state = await _drive(
+            config,
+            args.rollout_id,
+            follower,
+            interval=args.interval,
+            max_wait=args.max_wait,
+            quiet=False,
+        )
+    finally:
+        await follower.stop()
+    return _outcome(state)
+
+
+def run_rollout(config: ControllerConfig, args: argparse.Namespace) -> int:
+    from agent.controller.rollout_driver import RolloutBook
+    from agent.mqtt_client import MqttError
+
+    book = RolloutBook(config.store_dir)
+    try:
+        if args.action == "list":
+            rows = [book.load(rid) for rid in book.ids()]
+            if args.json:
+                print(json.dumps([ro.state_to_json(s) for s in rows], indent=1))
+                return EXIT_OK
+            for s in rows:
+                print(
+                    f"{s.plan.rollout_id}  {s.status:<9} {s.plan.model} v{s.plan.version} "
+                    f"group {s.plan.group}  wave {(s.current_wave or len(s.waves) - 1) + 1}/"
+                    f"{len(s.waves)}  {s.halt_reason}"
+                )
+            return EXIT_OK
+        if args.rollout_id is None:
+            raise ConfigError(f"rollout {args.action} needs a rollout ID")
+        if args.action == "status":
+            state = book.load(args.rollout_id)
+            if args.json:
+                print(json.dumps(ro.state_to_json(state), indent=1))
+            else:
+                print("\n".join(progress_lines(state, {}, time.time())))
+                for stamp, text in state.history[-10:]:
+                    print(f"  {time.strftime('%H:%M:%S', time.localtime(stamp))} {text}")
+            return EXIT_OK
+        if args.action in ("pause", "abort"):
+            state = book.update(args.rollout_id, lambda s: ro.command(s, args.action, time.time()))
+            print(f"rollout {args.rollout_id} {state.status}")
+            return EXIT_OK
+        return asyncio.run(_resume(config, args))
+    except (AgentError, MqttError, ValueError) as exc:
+        return _fail(exc)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the rollout continues under `edge-controller serve`")
+        return EXIT_FAILURE
+
+
+def add_rollout_options(parser: argparse.ArgumentParser) -> None:
+    """Options of ``deploy --group`` (the rollout plan) and of driving in the foreground."""
+    group = parser.add_argument_group("staged rollout (with --group)")
+    group.add_argument("--group", metavar="G", help="deploy to group G in waves")
+    group.add_argument("--first", default="10%", metavar="N|P%", help="first wave (default 10%%)")
+    group.add_argument(
+        "--wave-size", metavar="N|P%", help="later waves (default: the rest in one wave)"
+    )
+    group.add_argument(
+        "--soak", type=float, default=60.0, metavar="S", help="healthy time per wave (60)"
+    )
+    group.add_argument(
+        "--wave-timeout", type=float, default=3600.0, metavar="S", help="halt a slower wave"
+    )
+    group.add_argument(
+        "--max-error-rate", default="0.05", metavar="R", help="halt above it (none: off)"
+    )
+    group.add_argument("--max-p99-ms", default=None, metavar="MS", help="halt above it")
+    group.add_argument("--max-failed", type=int, default=0, metavar="N", help="per wave")
+    group.add_argument("--ignore-drift", action="store_true", help="do not halt on drift")
+    group.add_argument(
+        "--rollback-on-halt",
+        action="store_true",
+        help="deploy the failed wave's previous version if the rollout halts",
+    )
+    add_drive_options(parser)
+
+
+def add_drive_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--detach", action="store_true", help="leave it to `serve`")
+    parser.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--max-wait", type=float, default=7 * 86400.0, metavar="S", help="stop following after S"
+    )
+
+
+def rollout_summary(state: ro.RolloutState) -> dict[str, Any]:
+    return {"rollout_id": state.plan.rollout_id, "status": state.status}
