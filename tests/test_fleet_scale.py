@@ -1,0 +1,223 @@
+"""A fleet of 100 simulated devices (tests/bench/fleet_sim.py: the agent's real
+deployment verification, downloader and chunk protocol, no onnxruntime) against
+one real mosquitto and two ``edge-controller serve`` processes sharing a store.
+
+Staged rollouts run with the real ``edge-controller deploy --group``: a good
+version rolls out wave by wave to every device, each device gets exactly one
+deployment, and the two serving controllers never double-deploy; a version
+whose devices report a high error rate halts after its first wave and that wave
+is rolled back to the version it ran before, while the rest never sees it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.bench.fleet_sim import SimFleet, SimOptions, device_names, raise_fd_limit
+from tests.controller_process import ControllerProcess, controller_toml, run_controller
+from tests.fleet_device import SigningKeys, make_signed_version, make_signing_keys
+from tests.mqtt_broker import MosquittoBroker
+
+pytestmark = pytest.mark.timeout(240)
+
+DEVICES = 100
+MODEL = "m"
+MODEL_BYTES = 1024 * 1024 + 777
+
+
+@dataclass
+class ScaleFleet:
+    tmp: Path
+    broker: MosquittoBroker
+    signing: SigningKeys
+    config: Path
+    store: Path
+    deploy_public: Path
+
+
+def _publish(fleet: ScaleFleet, version: int, size: int) -> None:
+    version_dir = make_signed_version(
+        fleet.tmp / f"repo-{version}",
+        MODEL,
+        version,
+        {"model.onnx": os.urandom(size)},
+        fleet.signing,
+    )
+    result = run_controller(
+        [
+            "publish",
+            str(version_dir),
+            "--model",
+            MODEL,
+            "--version",
+            str(version),
+            "--config",
+            str(fleet.config),
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def scale_fleet(tmp_path: Path, mqtt_broker: MosquittoBroker) -> ScaleFleet:
+    raise_fd_limit(8192)
+    signing = make_signing_keys(tmp_path / "signing")
+    keygen = run_controller(["keygen", "--out-dir", str(tmp_path / "deploy-keys")])
+    assert keygen.returncode == 0, keygen.stderr
+    store = tmp_path / "store"
+    config = controller_toml(
+        tmp_path / "controller.toml",
+        mqtt_broker,
+        store,
+        trust_dir=signing.trust_dir,
+        deploy_key=tmp_path / "deploy-keys" / "deployment.key.pem",
+    )
+    with config.open("a") as handle:
+        handle.write('\n[groups]\nall = ["sim-*"]\ncanary = ["sim-0000", "sim-0001"]\n')
+    fleet = ScaleFleet(
+        tmp_path,
+        mqtt_broker,
+        signing,
+        config,
+        store,
+        tmp_path / "deploy-keys" / "deployment.pub.pem",
+    )
+    for version in (1, 2, 3):
+        _publish(fleet, version, MODEL_BYTES if version > 1 else 1000)
+    return fleet
+
+
+def _deploy(fleet: ScaleFleet, version: int, *extra: str, timeout: float = 150) -> Any:
+    return run_controller(
+        [
+            "deploy",
+            MODEL,
+            str(version),
+            "--group",
+            "all",
+            "--config",
+            str(fleet.config),
+            "--interval",
+            "0.2",
+            *extra,
+        ],
+        timeout=timeout,
+    )
+
+
+def _per_device_deployments(sim: SimFleet, version: int) -> dict[str, set[str]]:
+    seen: dict[str, set[str]] = {}
+    for event in sim.snapshot():
+        if event.get("event") == "job" and event.get("version") == version:
+            seen.setdefault(event["device"], set()).add(event["deployment_id"])
+    return seen
+
+
+def _records(store: Path, version: int) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted((store / "deployments").glob("*.json")):
+        record = json.loads(path.read_text())["deployment"]
+        if record["model"]["version"] == version:
+            out.append(record)
+    return out
+
+
+def test_staged_rollouts_across_100_devices_and_two_controllers(scale_fleet: ScaleFleet) -> None:
+    fleet = scale_fleet
+    names = device_names(DEVICES)
+    options = SimOptions(
+        host=fleet.broker.host,
+        port=fleet.broker.port,
+        prefix="edge",
+        state_dir=fleet.tmp / "sim-state",
+        deploy_trust=fleet.deploy_public,
+        model_trust=fleet.signing.trust_dir,
+        initial_version=1,
+        model=MODEL,
+        bad_versions=frozenset({3}),
+        health_interval_s=0.3,
+        max_probation_s=0.3,
+    )
+    second = controller_toml(
+        fleet.tmp / "controller-2.toml",
+        fleet.broker,
+        fleet.store,
+        trust_dir=fleet.signing.trust_dir,
+        deploy_key=fleet.tmp / "deploy-keys" / "deployment.key.pem",
+    )
+    with SimFleet(names, 2, options) as sim:
+        sim.wait_ready(60)
+        controllers = [ControllerProcess(fleet.config), ControllerProcess(second)]
+        try:
+            for controller in controllers:
+                controller.wait_serving()
+            started = time.monotonic()
+            good = _deploy(fleet, 2, "--first", "10%", "--wave-size", "50%", "--soak", "0.5")
+            elapsed = time.monotonic() - started
+            assert good.returncode == 0, good.stdout + good.stderr + sim.log_text()
+            assert "completed" in good.stdout
+            assert "wave 3/3 [########################]   40/40" in good.stdout, good.stdout
+
+            latest = sim.latest_jobs()
+            assert sorted(latest) == names
+            assert all(
+                (e["version"], e["phase"], e["status"]) == (2, "Active", "SUCCEEDED")
+                for e in latest.values()
+            ), [e for e in latest.values() if e["status"] != "SUCCEEDED"][:3]
+            # Exactly one deployment per device and one per wave: nobody double-deployed.
+            per_device = _per_device_deployments(sim, 2)
+            assert all(len(ids) == 1 for ids in per_device.values())
+            records = _records(fleet.store, 2)
+            assert [len(r["devices"]) for r in records] == [10, 50, 40]
+            # Waves went out in order: a later wave only after the earlier one succeeded.
+            rollout_files = sorted((fleet.store / "rollouts").glob("*.json"))
+            (state,) = [json.loads(p.read_text()) for p in rollout_files]
+            waves = state["waves"]
+            assert state["status"] == "completed"
+            for before, after in itertools.pairwise(waves):
+                assert after["deployed_at"] >= before["succeeded_at"] + 0.5
+
+            # The status table shows every device on version 2.
+            table = run_controller(["status", "--group", "all", "--config", str(fleet.config)])
+            assert table.returncode == 0, table.stderr
+            rows = [ln for ln in table.stdout.splitlines() if ln.startswith("sim-")]
+            assert len(rows) == DEVICES and all(f"{MODEL}:2" in r for r in rows), rows[:3]
+            as_json = json.loads(
+                run_controller(["status", "--json", "--config", str(fleet.config)]).stdout
+            )
+            assert {r["device"] for r in as_json} == set(names)
+            assert all(r["online"] and r["active_versions"] == {MODEL: 2} for r in as_json)
+
+            # A bad version: the first wave's devices succeed but report a 50% error
+            # rate, so the rollout halts and rolls that wave back to version 2.
+            bad = _deploy(fleet, 3, "--first", "5", "--soak", "5", "--rollback-on-halt")
+            assert bad.returncode == 1, bad.stdout + bad.stderr
+            assert "error rate" in bad.stderr and "halted" in bad.stderr, bad.stderr
+            wave_one = names[:5]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                latest = sim.latest_jobs()
+                if all(
+                    (latest[d]["version"], latest[d]["status"]) == (2, "SUCCEEDED")
+                    for d in wave_one
+                ):
+                    break
+                time.sleep(0.2)
+            assert all(latest[d]["version"] == 2 for d in wave_one), [latest[d] for d in wave_one]
+            assert set(_per_device_deployments(sim, 3)) == set(wave_one)
+            rollbacks = _records(fleet.store, 2)[3:]
+            assert [r["devices"] for r in rollbacks] == [wave_one]
+            assert all(r["allow_downgrade"] for r in rollbacks)
+        finally:
+            stopped = [c.stop() for c in controllers]
+    served = [s["chunks"] for s in stopped if s is not None]
+    assert len(served) == 2 and all(n > 0 for n in served), served
+    print(f"100 devices, 1 MiB model: rolled out in {elapsed:.1f}s; chunks served {served}")
