@@ -1,0 +1,258 @@
+"""Benchmark: a staged rollout of a 5 MB model to N simulated devices through 2 controllers.
+
+For each fleet size (default 100, 300, 1000): one local mosquitto (plain TCP on
+127.0.0.1, its fd limit raised with ``resource.setrlimit`` before it starts),
+two ``edge-controller serve`` processes sharing one store (chunk requests via
+the shared subscription), N devices from tests/bench/fleet_sim.py (the agent's
+real deployment verification, downloader and chunk protocol) spread over
+``--sim-processes`` processes, and one ``edge-controller deploy --group all``
+(first wave 10%, then waves of 30%, soak 1 s). Prints, per size:
+
+* rollout s: from starting ``deploy`` to it reporting ``completed``;
+* chunks/s: chunk requests the two controllers answered, per second of rollout;
+* MB/s: bytes served per second;
+* peak ctrl RSS: the larger controller's peak RSS (VmHWM);
+* broker msg/s: messages mosquitto received + sent per second of rollout
+  (``$SYS/broker/messages/*``, sampled before and after);
+* growth: each metric relative to the smallest fleet.
+
+    .venv/bin/python tests/bench/bench_fleet_scale.py [--sizes 100,300,1000] [--size-mb 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+
+from agent.mqtt_client import MqttClient, MqttSettings
+from tests.bench.fleet_sim import SimFleet, SimOptions, device_names, raise_fd_limit
+from tests.controller_process import ControllerProcess, controller_toml, run_controller
+from tests.fleet_device import make_signed_version, make_signing_keys
+from tests.mqtt_broker import MosquittoBroker
+
+
+def _peak_rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class RssWatcher:
+    """Samples VmHWM of some PIDs (read it before the process exits)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.peak = dict.fromkeys(pids, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            for pid in self.pids:
+                self.peak[pid] = max(self.peak[pid], _peak_rss(pid))
+
+    def stop(self) -> dict[int, int]:
+        self._stop.set()
+        self._thread.join(2)
+        for pid in self.pids:
+            self.peak[pid] = max(self.peak[pid], _peak_rss(pid))
+        return self.peak
+
+
+async def _broker_counters(broker: MosquittoBroker) -> dict[str, int]:
+    client = MqttClient(
+        MqttSettings(
+            host=broker.host,
+            port=broker.port,
+            client_id=f"bench-sys-{os.getpid()}-{time.time_ns()}",
+            clean_start=True,
+            session_expiry_s=0,
+        )
+    )
+    await client.start()
+    try:
+        await client.wait_connected(10)
+        await client.subscribe("$SYS/broker/messages/+", qos=0)
+        wanted = {"$SYS/broker/messages/received", "$SYS/broker/messages/sent"}
+        found: dict[str, int] = {}
+        deadline = time.monotonic() + 15
+        while set(found) != wanted and time.monotonic() < deadline:
+            try:
+                message = await asyncio.wait_for(client.messages.get(), 1.0)
+            except TimeoutError:
+                continue
+            if message.topic in wanted:
+                found[message.topic] = int(message.payload)
+        return {k.rsplit("/", 1)[-1]: v for k, v in found.items()}
+    finally:
+        await client.stop()
+
+
+def run_size(count: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    work = root / f"fleet-{count}"
+    work.mkdir()
+    broker = MosquittoBroker(work / "broker")
+    # Fast $SYS updates for the message counters.
+    broker.config_path.write_text(broker.config_path.read_text() + "sys_interval 1\n")
+    signing = make_signing_keys(work / "signing")
+    keygen = run_controller(["keygen", "--out-dir", str(work / "keys")])
+    assert keygen.returncode == 0, keygen.stderr
+    store = work / "store"
+    configs = []
+    for index in range(2):
+        config = controller_toml(
+            work / f"controller-{index}.toml",
+            broker,
+            store,
+            trust_dir=signing.trust_dir,
+            deploy_key=work / "keys" / "deployment.key.pem",
+            max_chunk_bytes=args.chunk_bytes,
+        )
+        with config.open("a") as handle:
+            handle.write('\n[groups]\nall = ["sim-*"]\n')
+        configs.append(config)
+    for version, size in ((1, 1000), (2, int(args.size_mb * 1_000_000))):
+        version_dir = make_signed_version(
+            work / f"repo-{version}", "m", version, {"model.onnx": os.urandom(size)}, signing
+        )
+        published = run_controller(
+            [
+                "publish",
+                str(version_dir),
+                "--model",
+                "m",
+                "--version",
+                str(version),
+                "--config",
+                str(configs[0]),
+            ]
+        )
+        assert published.returncode == 0, published.stderr
+    options = SimOptions(
+        host=broker.host,
+        port=broker.port,
+        prefix="edge",
+        state_dir=work / "sim",
+        deploy_trust=work / "keys" / "deployment.pub.pem",
+        model_trust=signing.trust_dir,
+        initial_version=1,
+        model="m",
+        health_interval_s=5.0,
+        max_probation_s=0.2,
+        chunk_bytes=args.chunk_bytes,
+        window=args.window,
+    )
+    broker.start()
+    controllers: list[ControllerProcess] = []
+    sim = SimFleet(device_names(count), args.sim_processes, options)
+    try:
+        sim.wait_ready(300)
+        controllers = [ControllerProcess(c).wait_serving() for c in configs]
+        watcher = RssWatcher([c.pid for c in controllers])
+        before = asyncio.run(_broker_counters(broker))
+        started = time.monotonic()
+        result = run_controller(
+            [
+                "deploy",
+                "m",
+                "2",
+                "--group",
+                "all",
+                "--first",
+                "10%",
+                "--wave-size",
+                "30%",
+                "--soak",
+                "1",
+                "--wave-timeout",
+                "900",
+                "--config",
+                str(configs[0]),
+                "--interval",
+                "0.25",
+            ],
+            timeout=3600,
+        )
+        elapsed = time.monotonic() - started
+        after = asyncio.run(_broker_counters(broker))
+        peaks = watcher.stop()
+        if result.returncode != 0:
+            raise RuntimeError(f"rollout to {count} failed:\n{result.stdout}\n{result.stderr}")
+        latest = sim.latest_jobs()
+        done = sum(1 for e in latest.values() if e["version"] == 2 and e["status"] == "SUCCEEDED")
+    finally:
+        stopped = [c.stop() for c in controllers]
+        sim.stop()
+        broker.stop()
+    chunks = sum(s["chunks"] for s in stopped if s)
+    served = sum(s["bytes"] for s in stopped if s)
+    messages = sum(after.values()) - sum(before.values()) if before and after else 0
+    shutil.rmtree(work / "sim", ignore_errors=True)
+    return {
+        "devices": count,
+        "succeeded": done,
+        "rollout_s": elapsed,
+        "chunks_per_s": chunks / elapsed,
+        "mb_per_s": served / elapsed / 1e6,
+        "peak_rss_mb": max(peaks.values()) / 2**20,
+        "broker_msgs_per_s": messages / elapsed,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="100,300,1000")
+    parser.add_argument("--size-mb", type=float, default=5.0)
+    parser.add_argument("--sim-processes", type=int, default=4)
+    parser.add_argument("--chunk-bytes", type=int, default=256 * 1024)
+    parser.add_argument("--window", type=int, default=4)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    limit = raise_fd_limit(max(65536, 4 * max(sizes) + 1024))  # mosquitto inherits it
+    print(
+        f"fd limit {limit}; {os.cpu_count()} CPUs; model {args.size_mb} MB, chunk "
+        f"{args.chunk_bytes} B, window {args.window}, {args.sim_processes} simulator processes"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-scale-") as tmp:
+        for count in sizes:
+            rows.append(run_size(count, args, Path(tmp)))
+            print(f"  {count} devices done in {rows[-1]['rollout_s']:.1f}s", flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    base = rows[0]
+    header = (
+        f"{'devices':>8} {'ok':>6} {'rollout s':>10} {'chunks/s':>9} {'MB/s':>7} "
+        f"{'peak ctrl RSS MB':>17} {'broker msg/s':>13}  growth vs {base['devices']} "
+        "(time, RSS)"
+    )
+    print(header)
+    for row in rows:
+        print(
+            f"{row['devices']:>8} {row['succeeded']:>6} {row['rollout_s']:>10.1f} "
+            f"{row['chunks_per_s']:>9.0f} {row['mb_per_s']:>7.1f} {row['peak_rss_mb']:>17.1f} "
+            f"{row['broker_msgs_per_s']:>13.0f}  x{row['rollout_s'] / base['rollout_s']:.2f}, "
+            f"x{row['peak_rss_mb'] / base['peak_rss_mb']:.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
