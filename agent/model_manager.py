@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.background import call_in_background
 from agent.errors import AgentError, ModelNotFoundError, ModelNotReadyError
 from agent.model_config import ModelSpec, complete_config, model_spec, parse_config_pbtxt
 from agent.onnx_runtime import OnnxSession, SessionOptions, zero_inputs
@@ -114,7 +115,10 @@ def _load_blocking(
     )
     filename = declared.default_model_filename or "model.onnx"
     fingerprint = _fingerprint(version_dir, model.config_text)
-    model_bytes = reader(version_dir, filename)
+    # Reading and verifying (hashing every file) at a low priority, on a thread of
+    # its own; the session is created here, at normal priority: onnxruntime's
+    # thread pool threads inherit their creator's priority and serve requests.
+    model_bytes = call_in_background(reader, version_dir, filename, name="model-verify")
     session = OnnxSession(model_bytes, settings.session)
     if warm_up:
         _warm_up(session, model.name, version)

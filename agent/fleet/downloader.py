@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from agent.background import run_in_background
 from agent.errors import AgentError
 from agent.fleet.deployment import DeploymentFile, DigestMismatchError, load_strict_json
 from agent.mqtt_client import Message, MqttClient
@@ -462,7 +463,7 @@ class Downloader:
         for entries in by_sha.values():
             artifact = entries[0][0]
             dests = [d for _, d in entries]
-            present = await asyncio.to_thread(_present, dests, artifact)
+            present = await run_in_background(_present, dests, artifact, name="fleet-hash")
             if all(present):
                 done_bytes += artifact.size
                 continue
@@ -485,7 +486,7 @@ class Downloader:
             for partial in partials:
                 dests = [d for _, d in by_sha[partial.artifact.sha256]]
                 try:
-                    await asyncio.to_thread(partial.finish, dests)
+                    await run_in_background(partial.finish, dests, name="fleet-hash")
                 except OSError as exc:
                     raise StorageError(f"cannot store {partial.artifact.path}: {exc}") from exc
         finally:

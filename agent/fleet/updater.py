@@ -44,11 +44,12 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
 from agent import __version__
+from agent.background import run_in_background
 from agent.config import AgentConfig
 from agent.errors import AgentError, VerificationError
 from agent.fleet import lifecycle
@@ -635,7 +636,10 @@ class Updater:
             raise JobFailure("trust_store_invalid", self._trust_error or "no model trust store")
         staged = self._staged_version(deployment)
         try:
-            verified = await asyncio.to_thread(verify_version, staged, self._model_trust, load)
+            # Hashing the whole version (100s of MB) at a low priority: serving first.
+            verified = await run_in_background(
+                verify_version, staged, self._model_trust, load, name="fleet-verify"
+            )
             check_signed_manifest(deployment, verified.manifest)
         except VerificationError as exc:
             raise JobFailure(exc.code, f"staged version rejected: {exc}") from None
@@ -673,9 +677,13 @@ class Updater:
         load = tuple(n for n in (model_file, VECTORS_FILE, SPEC_FILE) if n in names)
         contents = await self._verify_staged(deployment, load)
         model_bytes = contents.pop(model_file)
+        # A fresh session of its own, single-threaded (no thread pool to spin or to
+        # start) on a low-priority thread: validating a large model takes CPU the
+        # serving sessions need more. Same graph optimisation and providers.
+        options = replace(self.settings.session, intra_op_threads=1, inter_op_threads=1)
         try:
-            result = await asyncio.to_thread(
-                validate_model, model_bytes, contents, self.settings.session
+            result = await run_in_background(
+                validate_model, model_bytes, contents, options, name="fleet-validate"
             )
             complete_config(declared, deployment.model_name, result.inputs, result.outputs, 1)
         except AgentError as exc:
@@ -740,7 +748,9 @@ class Updater:
         """Re-deploying a version that is on disk and serving: same files or refuse."""
         assert self._model_trust is not None
         try:
-            existing = await asyncio.to_thread(verify_version, target, self._model_trust)
+            existing = await run_in_background(
+                verify_version, target, self._model_trust, name="fleet-verify"
+            )
             check_signed_manifest(deployment, existing.manifest)
         except VerificationError:
             raise JobFailure(
