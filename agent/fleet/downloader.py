@@ -426,8 +426,8 @@ class MqttChunkFetcher:
 
 @dataclass(frozen=True, slots=True)
 class DownloadSettings:
-    chunk_bytes: int = 256 * 1024
-    window: int = 8
+    chunk_bytes: int = 1024 * 1024  # the [fleet] defaults
+    window: int = 16
     retries: int = 8  # per chunk, counted only while online
     retry_backoff_s: float = 0.2
 
