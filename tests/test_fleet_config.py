@@ -17,8 +17,8 @@ def test_defaults_leave_mqtt_off_with_documented_values() -> None:
         "127.0.0.1", 1883, "edge"
     )
     assert config.mqtt.device_id == ""  # the host name at run time
-    assert config.fleet.chunk_bytes == 256 * 1024
-    assert config.fleet.window == 8
+    assert config.fleet.chunk_bytes == 1024 * 1024  # the controller's default max_chunk_bytes
+    assert config.fleet.window == 16
     assert config.fleet.probation_s == 60.0
     assert 0 < config.fleet.probation_max_error_rate < 1
 
