@@ -221,3 +221,72 @@ def test_staged_rollouts_across_100_devices_and_two_controllers(scale_fleet: Sca
     served = [s["chunks"] for s in stopped if s is not None]
     assert len(served) == 2 and all(n > 0 for n in served), served
     print(f"100 devices, 1 MiB model: rolled out in {elapsed:.1f}s; chunks served {served}")
+
+
+def _rollout(fleet: ScaleFleet, *args: str) -> Any:
+    return run_controller(["rollout", *args, "--config", str(fleet.config)])
+
+
+def test_serve_drives_a_detached_rollout_through_pause_and_resume(
+    scale_fleet: ScaleFleet,
+) -> None:
+    fleet = scale_fleet
+    names = device_names(20)
+    options = SimOptions(
+        host=fleet.broker.host,
+        port=fleet.broker.port,
+        prefix="edge",
+        state_dir=fleet.tmp / "sim-state",
+        deploy_trust=fleet.deploy_public,
+        model_trust=fleet.signing.trust_dir,
+        initial_version=1,
+        model=MODEL,
+        health_interval_s=0.3,
+        max_probation_s=0.2,
+    )
+    with SimFleet(names, 1, options) as sim, ControllerProcess(fleet.config) as controller:
+        sim.wait_ready(60)
+        controller.wait_serving()
+        created = _deploy(fleet, 2, "--first", "5", "--soak", "2", "--detach")
+        assert created.returncode == 0, created.stderr
+        rollout_id = created.stdout.split()[1].rstrip(":")
+
+        def state() -> dict[str, Any]:
+            result = _rollout(fleet, "status", rollout_id, "--json")
+            assert result.returncode == 0, result.stderr
+            loaded: dict[str, Any] = json.loads(result.stdout)
+            return loaded
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and state()["waves"][0]["status"] != "soaking":
+            time.sleep(0.2)
+        assert state()["waves"][0]["status"] == "soaking", controller.log_text()
+        paused = _rollout(fleet, "pause", rollout_id)
+        assert paused.returncode == 0 and "paused" in paused.stdout, paused.stderr
+        time.sleep(3.0)  # longer than the soak: a running rollout would deploy wave 2 now
+        assert state()["waves"][1]["status"] == "pending"
+        assert set(_per_device_deployments(sim, 2)) == set(names[:5])
+        assert _rollout(fleet, "pause", rollout_id).returncode == 1  # already paused
+        resumed = _rollout(fleet, "resume", rollout_id, "--detach")
+        assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed.stderr
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and state()["status"] != "completed":
+            time.sleep(0.2)
+        final = state()
+        assert final["status"] == "completed", final
+        assert set(_per_device_deployments(sim, 2)) == set(names)
+        listing = _rollout(fleet, "list")
+        assert rollout_id in listing.stdout and "completed" in listing.stdout
+        shown = _rollout(fleet, "status", rollout_id)
+        assert "wave 2/2 [########################]" in shown.stdout, shown.stdout
+        assert _rollout(fleet, "abort", rollout_id).returncode == 1  # finished already
+        assert _rollout(fleet, "status", "r-none").returncode == 3
+
+        watch = run_controller(
+            ["watch", "--count", "2", "--interval", "0.1", "--json", "--config", str(fleet.config)]
+        )
+        assert watch.returncode == 0, watch.stderr
+        frames = [json.loads(line) for line in watch.stdout.splitlines()]
+        assert len(frames) == 2 and {r["device"] for r in frames[-1]} == set(names)
+        table = run_controller(["watch", "--count", "1", "--config", str(fleet.config)])
+        assert "20 devices: 20 online" in table.stdout, table.stdout

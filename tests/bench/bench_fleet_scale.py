@@ -6,7 +6,7 @@ two ``edge-controller serve`` processes sharing one store (chunk requests via
 the shared subscription), N devices from tests/bench/fleet_sim.py (the agent's
 real deployment verification, downloader and chunk protocol) spread over
 ``--sim-processes`` processes, and one ``edge-controller deploy --group all``
-(first wave 10%, then waves of 30%, soak 1 s). Prints, per size:
+(first wave 10%, then waves of ``--wave-size`` 20%, soak 1 s). Prints, per size:
 
 * rollout s: from starting ``deploy`` to it reporting ``completed``;
 * chunks/s: chunk requests the two controllers answered, per second of rollout;
@@ -157,6 +157,7 @@ def run_size(count: int, args: argparse.Namespace, root: Path) -> dict[str, Any]
         max_probation_s=0.2,
         chunk_bytes=args.chunk_bytes,
         window=args.window,
+        chunk_timeout_s=args.chunk_timeout,
     )
     broker.start()
     controllers: list[ControllerProcess] = []
@@ -177,7 +178,7 @@ def run_size(count: int, args: argparse.Namespace, root: Path) -> dict[str, Any]
                 "--first",
                 "10%",
                 "--wave-size",
-                "30%",
+                args.wave_size,
                 "--soak",
                 "1",
                 "--wave-timeout",
@@ -222,13 +223,19 @@ def main() -> int:
     parser.add_argument("--sim-processes", type=int, default=4)
     parser.add_argument("--chunk-bytes", type=int, default=256 * 1024)
     parser.add_argument("--window", type=int, default=4)
+    parser.add_argument("--wave-size", default="20%", help="later waves (deploy --wave-size)")
+    parser.add_argument(
+        "--chunk-timeout", type=float, default=30.0, help="device chunk timeout (agent: 10)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     limit = raise_fd_limit(max(65536, 4 * max(sizes) + 1024))  # mosquitto inherits it
     print(
         f"fd limit {limit}; {os.cpu_count()} CPUs; model {args.size_mb} MB, chunk "
-        f"{args.chunk_bytes} B, window {args.window}, {args.sim_processes} simulator processes"
+        f"{args.chunk_bytes} B, window {args.window}, "
+        f"chunk timeout {args.chunk_timeout}s, waves 10% "
+        f"then {args.wave_size}, {args.sim_processes} simulator processes"
     )
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-fleet-scale-") as tmp:

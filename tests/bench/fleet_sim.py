@@ -448,6 +448,8 @@ class SimFleet:
                 str(options.chunk_bytes),
                 "--window",
                 str(options.window),
+                "--chunk-timeout",
+                str(options.chunk_timeout_s),
                 *[a for v in sorted(options.bad_versions) for a in ("--bad-version", str(v))],
                 *[a for v in sorted(options.fail_versions) for a in ("--fail-version", str(v))],
                 *extra,
@@ -553,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-probation", type=float, default=0.5)
     parser.add_argument("--chunk-bytes", type=int, default=256 * 1024)
     parser.add_argument("--window", type=int, default=4)
+    parser.add_argument("--chunk-timeout", type=float, default=10.0)
     args = parser.parse_args(argv)
     raise_fd_limit(65536)
     options = SimOptions(
@@ -570,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         max_probation_s=args.max_probation,
         chunk_bytes=args.chunk_bytes,
         window=args.window,
+        chunk_timeout_s=args.chunk_timeout,
     )
     asyncio.run(run_devices(args.devices.split(","), options))
     return 0
