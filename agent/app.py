@@ -12,7 +12,7 @@ import tomllib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import (
     DEFAULT_CONFIG_PATH,
@@ -23,17 +23,19 @@ from agent.config import (
 )
 from agent.dataplane import DataPlane
 from agent.errors import AgentError, ConfigError
-from agent.fleet.updater import Updater, UpdaterSettings, mqtt_settings
 from agent.grpc_server import HealthReporter, TlsFiles, build_server
 from agent.logs import configure_logging
 from agent.model_manager import UNAVAILABLE, LoadSettings, ModelManager, ModelReader
-from agent.mqtt_client import MqttClient
 from agent.onnx_runtime import SessionOptions
-from agent.signing.loader import signed_reader
 from agent.state_store import StateStore
 from agent.systemd import Notifier
 from agent.telemetry.publisher import TelemetryService
 from agent.watchdog import Run, Watchdog, start_watchdog
+
+if TYPE_CHECKING:
+    # Imported where used, so that a feature that is off costs no memory or start-up
+    # time: fleet updates and MQTT (paho, cryptography) and signature checks.
+    from agent.fleet.updater import Updater
 
 log = logging.getLogger("agent")
 
@@ -71,6 +73,8 @@ def make_reader(config: AgentConfig) -> ModelReader:
             extra={"key": "signing.allow_unsigned_models"},
         )
         return unsigned_reader
+    from agent.signing.loader import signed_reader
+
     return signed_reader(Path(config.signing.trust_dir))
 
 
@@ -154,10 +158,9 @@ class Agent:
         self.plane.observe = self.telemetry.tap
         self.add_stop_hook("telemetry: final report and flush", self.telemetry.stop)
         # Fleet updates: the state (pins) applies even with MQTT off; the MQTT side
-        # starts after serving does, and never holds serving up.
-        self.updater = Updater(
-            UpdaterSettings.from_config(config), self.models, StateStore(Path(config.state.dir))
-        )
+        # starts after serving does, and never holds serving up. Created by start()
+        # only if MQTT is on or a fleet state exists (else the fleet code is not loaded).
+        self.updater: Updater | None = None
         self.health = HealthReporter(self.plane)
         self._server: Any = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -202,7 +205,7 @@ class Agent:
         self._notifier.status(f"loading models from {cfg.repository.path}")
         explicit = cfg.repository.model_control == "explicit"
         startup = list(cfg.repository.startup_models) if explicit else None
-        self.models.set_pins(await asyncio.to_thread(self.updater.prepare, cfg.mqtt.enabled))
+        self.models.set_pins(await asyncio.to_thread(self._prepare_fleet))
         await self.models.sync_repository(startup or None)
         addresses = [a for a in (cfg.server.address,) if a]
         if cfg.server.unix_socket:
@@ -238,8 +241,27 @@ class Agent:
         await self._start_telemetry()
         return self.bound
 
+    def _prepare_fleet(self) -> dict[str, int]:
+        """Blocking (a worker thread): the fleet state's pins; creates the updater.
+
+        With MQTT off and no fleet state on disk there is nothing to recover or pin
+        (``Updater.prepare`` would return {} too): the fleet modules stay unloaded.
+        """
+        cfg = self.config
+        store = StateStore(Path(cfg.state.dir))
+        if not cfg.mqtt.enabled and not store.path.exists():
+            return {}
+        from agent.fleet.updater import Updater, UpdaterSettings
+
+        self.updater = Updater(UpdaterSettings.from_config(cfg), self.models, store)
+        return self.updater.prepare(cfg.mqtt.enabled)
+
     async def _start_fleet(self) -> None:
         """Connect to the broker in the background; a broker that is away is retried."""
+        from agent.fleet.updater import mqtt_settings
+        from agent.mqtt_client import MqttClient
+
+        assert self.updater is not None  # MQTT on: start() created it
         device = self.updater.settings.device_id
         try:
             client = MqttClient(mqtt_settings(self.config, device), self.updater.will())
@@ -254,9 +276,10 @@ class Agent:
                                                     f"{self.config.mqtt.port}"})
 
     async def _start_telemetry(self) -> None:
-        client = self.updater.client  # the agent's one MQTT connection (fleet plane)
-        if client is not None:
-            s = self.updater.settings
+        updater = self.updater
+        client = updater.client if updater is not None else None  # the one MQTT connection
+        if updater is not None and client is not None:
+            s = updater.settings
             self.telemetry.attach_mqtt(client, s.prefix, s.device_id)
         try:
             await self.telemetry.start()

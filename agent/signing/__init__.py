@@ -6,53 +6,59 @@ verifies a version directory on disk; ``cli`` adds the keygen / sign / verify
 subcommands to the agent's command line.
 """
 
-from agent.signing.keys import (
-    KeyPairFiles,
-    KeyWriteError,
-    TrustedKey,
-    TrustStore,
-    TrustStoreError,
-    generate_private_key,
-    load_private_key,
-    load_public_key,
-    read_passphrase_file,
-    write_key_pair,
-)
-from agent.signing.oms import (
-    BadSignatureError,
-    BundleMalformedError,
-    BundleMediaTypeError,
-    DuplicateResourceError,
-    FileDigestMismatchError,
-    FileMissingError,
-    FileRenamedError,
-    FileUnexpectedError,
-    HashAlgorithmError,
-    KeyFormatError,
-    ManifestInconsistentError,
-    PayloadTypeError,
-    PredicateTypeError,
-    SerializationUnsupportedError,
-    SignatureMissingError,
-    SignedManifest,
-    StatementTypeError,
-    UnsafePathError,
-    UnsupportedKeyError,
-    UntrustedKeyError,
-    key_id,
-    sign_manifest,
-    verify_bundle,
-)
-from agent.signing.version_dir import (
-    FileNotSignedError,
-    FileReadError,
-    SpecialFileError,
-    SymlinkEscapesError,
-    SymlinkRefusedError,
-    VerifiedVersion,
-    sign_version,
-    verify_version,
-)
+# The names below are loaded on first use (PEP 562), not when the package is
+# imported: `edge-agent serve` imports agent.signing.cli for its parser, and an agent
+# that serves unsigned models must not pay for cryptography at start-up.
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.signing.keys import (
+        KeyPairFiles,
+        KeyWriteError,
+        TrustedKey,
+        TrustStore,
+        TrustStoreError,
+        generate_private_key,
+        load_private_key,
+        load_public_key,
+        read_passphrase_file,
+        write_key_pair,
+    )
+    from agent.signing.oms import (
+        BadSignatureError,
+        BundleMalformedError,
+        BundleMediaTypeError,
+        DuplicateResourceError,
+        FileDigestMismatchError,
+        FileMissingError,
+        FileRenamedError,
+        FileUnexpectedError,
+        HashAlgorithmError,
+        KeyFormatError,
+        ManifestInconsistentError,
+        PayloadTypeError,
+        PredicateTypeError,
+        SerializationUnsupportedError,
+        SignatureMissingError,
+        SignedManifest,
+        StatementTypeError,
+        UnsafePathError,
+        UnsupportedKeyError,
+        UntrustedKeyError,
+        key_id,
+        sign_manifest,
+        verify_bundle,
+    )
+    from agent.signing.version_dir import (
+        FileNotSignedError,
+        FileReadError,
+        SpecialFileError,
+        SymlinkEscapesError,
+        SymlinkRefusedError,
+        VerifiedVersion,
+        sign_version,
+        verify_version,
+    )
 
 __all__ = [
     "BadSignatureError",
@@ -97,3 +103,17 @@ __all__ = [
     "verify_version",
     "write_key_pair",
 ]
+
+_MODULES = ("keys", "oms", "version_dir")
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in __all__:
+        for module in _MODULES:
+            value = getattr(importlib.import_module(f"agent.signing.{module}"), name, None)
+            if value is not None:
+                globals()[name] = value
+                return value
+    raise AttributeError(f"module 'agent.signing' has no attribute {name!r}")

@@ -7,12 +7,16 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import Final
 
 from agent.errors import AgentError
-from agent.signing import keys, oms, version_dir
+
+# agent.signing's keys, oms and version_dir (and with them cryptography) are imported
+# by the commands themselves: `edge-agent serve` builds this parser too, and an agent
+# that serves unsigned models (or has not loaded one yet) need not carry them.
 
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1  # anything not listed below
@@ -26,51 +30,59 @@ EXIT_DIGEST: Final = 8
 EXIT_UNSAFE_ENTRY: Final = 9
 EXIT_UNREADABLE: Final = 10
 
-# First match wins; the order matters where classes are related.
-EXIT_CODES: Final[tuple[tuple[type[AgentError] | tuple[type[AgentError], ...], int], ...]] = (
-    (
+ExitCodes = tuple[tuple[type[AgentError] | tuple[type[AgentError], ...], int], ...]
+
+
+@functools.cache
+def exit_codes() -> ExitCodes:
+    """Error classes -> exit code. First match wins; the order matters where classes
+    are related."""
+    from agent.signing import keys, oms, version_dir
+
+    return (
         (
-            keys.TrustStoreError,
-            keys.KeyWriteError,
-            oms.KeyFormatError,
-            oms.UnsupportedKeyError,
+            (
+                keys.TrustStoreError,
+                keys.KeyWriteError,
+                oms.KeyFormatError,
+                oms.UnsupportedKeyError,
+            ),
+            EXIT_KEY,
         ),
-        EXIT_KEY,
-    ),
-    (
         (
-            oms.SignatureMissingError,
-            oms.BundleMalformedError,
-            oms.BundleMediaTypeError,
-            oms.PayloadTypeError,
-            oms.StatementTypeError,
-            oms.PredicateTypeError,
-            oms.SerializationUnsupportedError,
-            oms.HashAlgorithmError,
-            oms.DuplicateResourceError,
-            oms.UnsafePathError,
-            oms.ManifestInconsistentError,
+            (
+                oms.SignatureMissingError,
+                oms.BundleMalformedError,
+                oms.BundleMediaTypeError,
+                oms.PayloadTypeError,
+                oms.StatementTypeError,
+                oms.PredicateTypeError,
+                oms.SerializationUnsupportedError,
+                oms.HashAlgorithmError,
+                oms.DuplicateResourceError,
+                oms.UnsafePathError,
+                oms.ManifestInconsistentError,
+            ),
+            EXIT_SIGNATURE_MALFORMED,
         ),
-        EXIT_SIGNATURE_MALFORMED,
-    ),
-    (oms.UntrustedKeyError, EXIT_UNTRUSTED_KEY),
-    (oms.BadSignatureError, EXIT_BAD_SIGNATURE),
-    (
+        (oms.UntrustedKeyError, EXIT_UNTRUSTED_KEY),
+        (oms.BadSignatureError, EXIT_BAD_SIGNATURE),
         (
-            oms.FileMissingError,
-            oms.FileUnexpectedError,
-            oms.FileRenamedError,
-            version_dir.FileNotSignedError,
+            (
+                oms.FileMissingError,
+                oms.FileUnexpectedError,
+                oms.FileRenamedError,
+                version_dir.FileNotSignedError,
+            ),
+            EXIT_FILE_SET,
         ),
-        EXIT_FILE_SET,
-    ),
-    (oms.FileDigestMismatchError, EXIT_DIGEST),
-    (
-        (version_dir.SymlinkRefusedError, version_dir.SpecialFileError),
-        EXIT_UNSAFE_ENTRY,
-    ),
-    (version_dir.FileReadError, EXIT_UNREADABLE),
-)
+        (oms.FileDigestMismatchError, EXIT_DIGEST),
+        (
+            (version_dir.SymlinkRefusedError, version_dir.SpecialFileError),
+            EXIT_UNSAFE_ENTRY,
+        ),
+        (version_dir.FileReadError, EXIT_UNREADABLE),
+    )
 
 EXIT_CODE_HELP: Final = """\
 exit codes:
@@ -101,7 +113,7 @@ exit codes:
 
 def exit_code_for(error: AgentError) -> int:
     """The documented exit code for ``error``."""
-    for classes, code in EXIT_CODES:
+    for classes, code in exit_codes():
         if isinstance(error, classes):
             return code
     return EXIT_ERROR
@@ -113,11 +125,15 @@ def _fail(error: AgentError) -> int:
 
 
 def _passphrase(args: argparse.Namespace) -> bytes | None:
+    from agent.signing import keys
+
     path: Path | None = args.passphrase_file
     return keys.read_passphrase_file(path) if path is not None else None
 
 
 def run_keygen(args: argparse.Namespace) -> int:
+    from agent.signing import keys
+
     try:
         pair = keys.write_key_pair(args.out_dir, args.name, _passphrase(args))
     except AgentError as error:
@@ -129,6 +145,8 @@ def run_keygen(args: argparse.Namespace) -> int:
 
 
 def run_sign(args: argparse.Namespace) -> int:
+    from agent.signing import keys, oms, version_dir
+
     try:
         private_key = keys.load_private_key(args.private_key, _passphrase(args))
         path = version_dir.sign_version(args.version_dir, private_key)
@@ -143,6 +161,8 @@ def run_sign(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from agent.signing import keys, version_dir
+
     try:
         if args.public_key is not None:
             trust = keys.TrustStore.from_public_key_files([args.public_key])
