@@ -3,11 +3,13 @@
 Two schedulers share one worker function:
 - ``DirectScheduler`` hands each request to the model's thread pool (one thread
   per configured instance) and bounds how many may wait;
-- ``DynamicBatcher`` follows Triton's dynamic batching: requests queue on the
-  loop thread, an idle instance takes as many as fit in ``max_batch_size``
-  once a preferred batch size is reached or the oldest has waited
-  ``max_queue_delay_microseconds``, and the worker concatenates, runs once and
-  splits the outputs back per request.
+- ``DynamicBatcher`` follows Triton's dynamic batching: the loop thread only
+  appends requests to a queue shared with the model's worker threads; an idle
+  worker takes the oldest, waits (on a condition variable, with microsecond
+  precision, not on the event loop's millisecond timers) until a preferred batch
+  size is queued or the oldest has waited ``max_queue_delay_microseconds``,
+  takes as many as fit in ``max_batch_size``, concatenates, runs once and splits
+  the outputs back per request.
 
 Requests whose client deadline has passed are never run. onnxruntime, array
 concatenation and output serialisation all happen on worker threads.
@@ -16,6 +18,8 @@ concatenation and output serialisation all happen on worker threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import queue
 import threading
 import time
@@ -105,13 +109,19 @@ class Workers:
     """A model's inference threads (one per instance) and the way back to the loop.
 
     Jobs go in through a SimpleQueue. Outcomes come back in bursts: a worker
-    appends its outcome to a deque and wakes the loop (call_soon_threadsafe)
-    only if no wake-up is pending yet; the loop then hands out every outcome
-    queued by that time. Per request that costs one queue put and at most one
-    loop wake-up, where ThreadPoolExecutor + wrap_future costs a concurrent
-    Future, a work item, chained callbacks and a wake-up per future (measured
-    by tests/bench/bench_serving.py: this hop is the agent's largest per-request
+    appends its outcome to a deque and wakes the loop only if no wake-up is
+    pending yet; the loop then hands out every outcome queued by that time. Per
+    request that costs one queue put and at most one loop wake-up, where
+    ThreadPoolExecutor + wrap_future costs a concurrent Future, a work item,
+    chained callbacks and a wake-up per future (measured by
+    tests/bench/bench_serving.py: this hop is the agent's largest per-request
     cost on small models).
+
+    The wake-up is an eventfd the loop watches (add_reader): one write on the
+    worker, one read on the loop. call_soon_threadsafe's self-pipe costs the
+    loop a handle more and a failing recv per wake-up (about 10 us per round
+    trip at concurrency 1); it remains the fallback where eventfd or add_reader
+    is not available. The eventfd is closed once every thread has exited.
     """
 
     def __init__(self, count: int, name: str) -> None:
@@ -124,17 +134,38 @@ class Workers:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[threading.Thread] = []
+        self._wake_fd = -1  # eventfd the loop reads; -1: call_soon_threadsafe
+        self._exited = 0
+        self._exit_lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._threads)
+
+    def start(self, body: Callable[[], None]) -> None:
+        """Start the threads running ``body`` (once; call on the loop's thread)."""
+        if not self._threads:  # started on first use, like ThreadPoolExecutor's
+            self._loop = loop = asyncio.get_running_loop()
+            if hasattr(os, "eventfd"):
+                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                try:
+                    loop.add_reader(fd, self._on_wake)
+                    self._wake_fd = fd
+                except NotImplementedError:  # a loop without add_reader
+                    os.close(fd)
+            for i in range(self._count):
+                thread = threading.Thread(
+                    target=self._run, args=(body,), name=f"{self._name}_{i}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], on_done: OnDone) -> None:
         """Run ``fn(*args)`` on a worker; ``on_done`` then runs on this loop's thread."""
         if self._closed:
             raise RuntimeError("cannot schedule new work after shutdown")
-        if not self._threads:  # started on first use, like ThreadPoolExecutor's
-            self._loop = asyncio.get_running_loop()
-            for i in range(self._count):
-                thread = threading.Thread(target=self._work, name=f"{self._name}_{i}", daemon=True)
-                thread.start()
-                self._threads.append(thread)
+        if not self._threads:
+            self.start(self._work)
         self._jobs.put((fn, args, on_done))
 
     def shutdown(self) -> None:
@@ -143,26 +174,61 @@ class Workers:
         for _ in self._threads:
             self._jobs.put(None)
 
+    def post(self, on_done: OnDone, result: Any, exc: BaseException | None) -> bool:
+        """Worker thread: have ``on_done(result, exc)`` called on the loop's thread.
+
+        Returns False if the loop has closed (nobody is waiting any more).
+        """
+        self._done.append((on_done, result, exc))
+        if not self._wake_pending:
+            self._wake_pending = True
+            if self._wake_fd >= 0:
+                os.eventfd_write(self._wake_fd, 1)
+                return True
+            loop = self._loop
+            assert loop is not None
+            try:
+                loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop has closed
+                return False
+        return True
+
+    def _run(self, body: Callable[[], None]) -> None:
+        try:
+            body()
+        finally:
+            with self._exit_lock:
+                self._exited += 1
+                last = self._exited == len(self._threads)
+            if last and self._wake_fd >= 0:
+                self.post(self._close_wake_fd, None, None)
+
+    def _on_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # already read by an earlier wake-up
+            os.eventfd_read(self._wake_fd)
+        self._deliver()
+
+    def _close_wake_fd(self, _result: None, _exc: BaseException | None) -> None:
+        # On the loop thread, after the last worker thread's last post.
+        fd, self._wake_fd = self._wake_fd, -1
+        if fd >= 0 and self._loop is not None:
+            self._loop.remove_reader(fd)
+            os.close(fd)
+
     def _work(self) -> None:
         jobs = self._jobs
-        done = self._done
-        loop = self._loop
-        assert loop is not None
+        post = self.post
         while (job := jobs.get()) is not None:
             fn, args, on_done = job
             if self._closed:
-                done.append((on_done, None, CancelledError()))
+                outcome = post(on_done, None, CancelledError())
             else:
                 try:
-                    done.append((on_done, fn(*args), None))
+                    outcome = post(on_done, fn(*args), None)
                 except BaseException as exc:
-                    done.append((on_done, None, exc))
-            if not self._wake_pending:
-                self._wake_pending = True
-                try:
-                    loop.call_soon_threadsafe(self._deliver)
-                except RuntimeError:  # the loop has closed: nobody is waiting any more
-                    return
+                    outcome = post(on_done, None, exc)
+            if not outcome:
+                return
 
     def _deliver(self) -> None:
         # Cleared before draining: an outcome appended after this point either is
@@ -236,8 +302,11 @@ class Scheduler:
             drained = True
         except TimeoutError:
             drained = False
-        self.workers.shutdown()
+        self._shutdown()
         return drained
+
+    def _shutdown(self) -> None:
+        self.workers.shutdown()
 
 
 class DirectScheduler(Scheduler):
@@ -308,97 +377,158 @@ def _batch_signature(decoded: DecodedRequest) -> tuple[Any, ...]:
 
 
 class DynamicBatcher(Scheduler):
+    """Triton's dynamic batching, with the batch formed on the worker threads.
+
+    The loop thread appends to ``_queue`` (under ``_cond``'s lock) and wakes a
+    worker only when the queue was empty or a preferred batch size is now
+    queued; everything else (waiting out the queue delay, skipping requests
+    cancelled by their client or past their deadline, grouping by shape) is the
+    worker's. Outcomes come back in bursts through ``Workers.post``.
+    """
+
     def __init__(self, spec: ModelSpec, session: OnnxSession, stats: ModelStats) -> None:
         super().__init__(spec, session, stats)
         assert spec.batching is not None
         self._queue: deque[_Pending] = deque()
-        self._queued_batch = 0
-        self._free = spec.instance_count
+        self._queued_batch = 0  # samples in _queue
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
         preferred = spec.batching.preferred_batch_sizes
         self._target = max(preferred) if preferred else spec.max_batch_size
-        self._delay_s = spec.batching.max_queue_delay_us / 1e6
-        self._timer: asyncio.TimerHandle | None = None
+        self._delay_ns = spec.batching.max_queue_delay_us * 1000
         self._default_timeout_s = spec.default_timeout_us / 1e6
 
     def queued(self) -> int:
         return len(self._queue)
 
     async def submit(self, decoded: DecodedRequest, deadline: float | None) -> Completed:
-        if len(self._queue) >= self.spec.max_queue_size:
+        queue = self._queue
+        if len(queue) >= self.spec.max_queue_size:
             raise QueueFullError(
                 f"model '{self.spec.name}' queue is full ({self.spec.max_queue_size} requests)"
             )
+        if self._closed:
+            raise RuntimeError("cannot schedule new work after shutdown")
         if self._default_timeout_s:
             own = _monotonic() + self._default_timeout_s
             deadline = own if deadline is None else min(deadline, own)
         loop = asyncio.get_running_loop()
+        if not self.workers.running:
+            self.workers.start(self._work)
         pending = _Pending(
             decoded, deadline, _perf_ns(), loop.create_future(), _batch_signature(decoded)
         )
-        self._queue.append(pending)
-        self._queued_batch += decoded.batch_size
         self._begin()
         try:
-            self._dispatch()
-            done = await pending.future
+            with self._cond:
+                was_empty = not queue
+                queue.append(pending)
+                self._queued_batch += decoded.batch_size
+                if was_empty or self._queued_batch >= self._target:
+                    self._cond.notify()
+            return await pending.future
         finally:
             self._end()
-        return done
 
-    def _dispatch(self) -> None:
-        while self._free > 0 and self._queue:
-            oldest = self._queue[0]
-            waited_s = (_perf_ns() - oldest.enqueued_ns) / 1e9
-            if self._queued_batch < self._target and waited_s < self._delay_s:
-                if self._timer is None:
-                    loop = asyncio.get_running_loop()
-                    self._timer = loop.call_later(self._delay_s - waited_s, self._on_timer)
+    def _shutdown(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # -- worker threads ----------------------------------------------------------------
+
+    def _work(self) -> None:
+        post = self.workers.post
+        while (items := self._next_batch()) is not None:
+            if not items:
+                continue
+            try:
+                outcome = post(
+                    partial(self._finish, items),
+                    self._execute(
+                        [p.decoded for p in items], [p.enqueued_ns for p in items]
+                    ),
+                    None,
+                )
+            except BaseException as exc:
+                outcome = post(partial(self._finish, items), None, exc)
+            if not outcome:
                 return
-            self._start_batch()
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._dispatch()
+    def _next_batch(self) -> list[_Pending] | None:
+        """Wait for a batch and take it off the queue; None once shut down.
 
-    def _start_batch(self) -> None:
+        An empty list means nothing was left to run (all cancelled or expired).
+        """
+        cond = self._cond
+        queue = self._queue
+        with cond:
+            while not queue:
+                if self._closed:
+                    return None
+                cond.wait()
+            # The oldest request waits at most the queue delay for a preferred batch.
+            while self._queued_batch < self._target and not self._closed:
+                left_ns = queue[0].enqueued_ns + self._delay_ns - _perf_ns()
+                if left_ns <= 0:
+                    break
+                cond.wait(left_ns / 1e9)
+                if not queue:  # another worker took them
+                    return []
+            if self._closed:
+                abandoned = list(queue)
+                queue.clear()
+                self._queued_batch = 0
+                for p in abandoned:
+                    self.workers.post(partial(self._fail, p), None, AgentError("worker cancelled"))
+                return None
+            return self._take()
+
+    def _take(self) -> list[_Pending]:
+        # Under _cond's lock. A request's future is only read here (done() is a
+        # plain attribute read); results and errors are set on the loop thread.
+        queue = self._queue
         now = _monotonic()
         items: list[_Pending] = []
         total = 0
         signature = None
         skipped: list[_Pending] = []
-        while self._queue:
-            p = self._queue[0]
+        limit = self.spec.max_batch_size
+        while queue:
+            p = queue[0]
             if p.future.done():  # cancelled by the client
-                self._queue.popleft()
+                queue.popleft()
                 self._queued_batch -= p.decoded.batch_size
                 continue
             if p.deadline is not None and now >= p.deadline:
-                self._queue.popleft()
+                queue.popleft()
                 self._queued_batch -= p.decoded.batch_size
-                p.future.set_exception(
-                    DeadlineExceededError("the request's deadline passed while it was queued")
+                self.workers.post(
+                    partial(self._fail, p),
+                    None,
+                    DeadlineExceededError("the request's deadline passed while it was queued"),
                 )
                 continue
             if signature is None:
                 signature = p.signature
             if p.signature != signature:
-                skipped.append(self._queue.popleft())  # runs in a later batch
+                skipped.append(queue.popleft())  # runs in a later batch
                 continue
-            if total + p.decoded.batch_size > self.spec.max_batch_size:
+            if total + p.decoded.batch_size > limit:
                 break
-            self._queue.popleft()
+            queue.popleft()
             self._queued_batch -= p.decoded.batch_size
             total += p.decoded.batch_size
             items.append(p)
-        self._queue.extendleft(reversed(skipped))
-        if not items:
-            return
-        self._free -= 1
-        self.workers.submit(
-            self._execute,
-            ([p.decoded for p in items], [p.enqueued_ns for p in items]),
-            partial(self._finish, items),
-        )
+        queue.extendleft(reversed(skipped))
+        return items
+
+    # -- back on the loop thread -------------------------------------------------------
+
+    @staticmethod
+    def _fail(p: _Pending, _result: None, exc: BaseException | None) -> None:
+        if not p.future.done():
+            p.future.set_exception(exc if exc is not None else AgentError("request not run"))
 
     def _finish(
         self,
@@ -406,7 +536,6 @@ class DynamicBatcher(Scheduler):
         results: list[Completed] | None,
         exc: BaseException | None,
     ) -> None:
-        self._free += 1
         if isinstance(exc, CancelledError):
             exc = AgentError("worker cancelled")
         if exc is not None:
@@ -419,8 +548,6 @@ class DynamicBatcher(Scheduler):
             for p, result in zip(items, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)
-        if self._queue:
-            self._dispatch()
 
 
 def make_scheduler(spec: ModelSpec, session: OnnxSession, stats: ModelStats) -> Scheduler:
