@@ -3,9 +3,8 @@
 The agent serves a signed tabular model whose version directory carries a
 drift profile (made with ``edge-agent profile``, then signed) while a client
 sends it traffic. Health and drift messages flow on the device's topics; the
-Prometheus endpoint counts every request. Then the broker goes away for about
-25 s (the issue says a minute; 25 s keeps the suite fast and is already many
-health intervals) and the agent is restarted meanwhile; when the broker is
+Prometheus endpoint counts every request. Then the broker goes away for a
+minute, as the issue asks, and the agent is restarted meanwhile; when the broker is
 back, every message both agent processes produced arrives, in order, each
 with a unique id. A second test gives the outbox a tiny bound and checks that
 what was dropped is exactly what the messages report as dropped.
@@ -42,7 +41,7 @@ VERSION = "2"
 DEVICE = "dev-telemetry"
 DEMO_KEY = REPO_ROOT / "models" / "keys" / "demo-model-signing.key.pem"
 TRUST_DIR = REPO_ROOT / "models" / "keys" / "trusted"
-OUTAGE_S = 25.0
+OUTAGE_S = 60.0
 
 Message = tuple[str, dict[str, Any]]
 
