@@ -87,6 +87,7 @@ class BenchModel:
     max_batch_size: int
     preferred_batch_size: int
     max_queue_delay_us: int
+    instances: int = 1
     inputs: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
 
@@ -95,6 +96,7 @@ class BenchModel:
             f'name: "{self.name}"\n'
             'platform: "onnxruntime_onnx"\n'
             f"max_batch_size: {self.max_batch_size}\n"
+            f"instance_group [ {{ count: {self.instances} kind: KIND_CPU }} ]\n"
         )
         if batching:
             text += (
@@ -566,7 +568,9 @@ def start_server(name: str, spawn: Callable[[str], ServerProc], settle_s: float)
     )
 
 
-def agent_spawner(repo: Path, state: Path, config_dir: Path) -> Callable[[str], ServerProc]:
+def agent_spawner(
+    repo: Path, state: Path, config_dir: Path, intra_op_threads: int = 0
+) -> Callable[[str], ServerProc]:
     def spawn(address: str) -> ServerProc:
         config = write_toml(
             config_dir / f"agent-{address.rpartition(':')[2]}.toml",
@@ -574,7 +578,10 @@ def agent_spawner(repo: Path, state: Path, config_dir: Path) -> Callable[[str], 
                 "server": {"address": address},
                 "repository": {"path": str(repo)},
                 "state": {"dir": str(state)},
-                "signing": {"allow_unsigned_models": True},  # until the signing work lands
+                # The bench builds its models unsigned; signing is measured elsewhere.
+                "signing": {"allow_unsigned_models": True},
+                "runtime": {"intra_op_threads": intra_op_threads},
+                "telemetry": {"prometheus_address": ""},
             },
         )
         return AgentProcess(config)
@@ -893,6 +900,8 @@ class Options:
     client_procs: int
     startup_runs: int
     rounds: int = 1
+    instances: int = 1
+    intra_op_threads: int = 0
 
 
 SERVER_ORDER = ["raw", "raw-1t", "raw-b16", "echo", "agent", "agent+db"]
@@ -935,6 +944,8 @@ def run(opts: Options) -> dict[str, Any]:
 
     try:
         models = build_models(opts.models)
+        for m in models:
+            m.instances = opts.instances
         repo_plain = write_repository(tmp / "repo-plain", models, batching=False)
         repo_batch = write_repository(tmp / "repo-batch", models, batching=True)
         outputs_json = tmp / "echo-outputs.json"
@@ -948,8 +959,14 @@ def run(opts: Options) -> dict[str, Any]:
         # the comparison is what matters. Idle servers cost no CPU.
         spawners: list[tuple[str, Callable[[str], ServerProc]]] = [
             ("echo", echo_spawner(outputs_json)),
-            ("agent", agent_spawner(repo_plain, tmp / "state-plain", tmp)),
-            ("agent+db", agent_spawner(repo_batch, tmp / "state-batch", tmp)),
+            (
+                "agent",
+                agent_spawner(repo_plain, tmp / "state-plain", tmp, opts.intra_op_threads),
+            ),
+            (
+                "agent+db",
+                agent_spawner(repo_batch, tmp / "state-batch", tmp, opts.intra_op_threads),
+            ),
         ]
         servers: list[RunningServer] = []
         pool = ClientPool(max(1, opts.client_procs), opts.client)
@@ -1271,6 +1288,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--rounds", type=int, default=1, help="repeat every cell this often, pooled (default 1)"
     )
     parser.add_argument("--startup-runs", type=int, help="agent starts on models/ (default 3)")
+    parser.add_argument(
+        "--instances", type=int, default=1, help="instance_group count of the bench models"
+    )
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="the agents' runtime.intra_op_threads (0: onnxruntime decides)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--client-worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -1296,6 +1322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         client_procs=args.client_procs,
         startup_runs=args.startup_runs or (1 if args.quick else 3),
         rounds=max(1, args.rounds),
+        instances=args.instances,
+        intra_op_threads=args.intra_op_threads,
     )
     result = run(opts)
     summary = report(result, opts)
