@@ -8,19 +8,15 @@ logged (every subscription acknowledged), and its final counters arrive in the
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from tests.agent_process import REPO_ROOT, write_toml
 from tests.mqtt_broker import CONTROLLER_IDENTITY, MosquittoBroker
+from tests.processes import LoggedProcess
 
 
 def controller_toml(
@@ -78,16 +74,15 @@ def run_controller(
     )
 
 
-class ControllerProcess:
+class ControllerProcess(LoggedProcess):
     """``edge-controller serve`` as a child process."""
 
+    name = "controller"
+    tail_lines = 40
+
     def __init__(self, config_path: Path, extra_args: Sequence[str] = ()) -> None:
-        self.lines: list[str] = []
-        self.events: list[dict[str, Any]] = []
-        self._serving = threading.Event()
         self._stopped_event: dict[str, Any] | None = None
-        self._exited = threading.Event()
-        self.proc = subprocess.Popen(
+        super().__init__(
             [
                 sys.executable,
                 "-m",
@@ -97,70 +92,20 @@ class ControllerProcess:
                 str(config_path),
                 *extra_args,
             ],
-            cwd=REPO_ROOT,
-            env=dict(os.environ),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+            REPO_ROOT,
         )
-        self.pid = self.proc.pid
-        threading.Thread(target=self._read, daemon=True).start()
 
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(event, dict):
-                continue
-            self.events.append(event)
-            if event.get("msg") == "serving":
-                self._serving.set()
-            elif event.get("msg") == "stopped":
-                self._stopped_event = event
-        self._exited.set()
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event.get("msg") == "stopped":
+            self._stopped_event = event
 
-    def wait_serving(self, timeout: float = 20.0) -> ControllerProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._serving.wait(0.05):
-                return self
-            if self.proc.poll() is not None:
-                self._exited.wait(2)
-                raise RuntimeError(
-                    f"controller exited with {self.proc.returncode} before serving:\n"
-                    + self.log_text()
-                )
-        raise TimeoutError("controller not serving in time:\n" + self.log_text())
+    def wait_serving(self, timeout: float = 20.0) -> Self:
+        return super().wait_serving(timeout)
 
     def log_text(self) -> str:
-        return "\n".join(self.lines[-40:])
+        return self._tail()
 
     def stop(self, timeout: float = 15.0) -> dict[str, Any] | None:
         """SIGTERM by PID (SIGKILL if it lingers); returns the ``stopped`` event, if logged."""
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait(timeout)
-        self._exited.wait(5)
+        self.terminate(timeout)
         return self._stopped_event
-
-    def kill(self) -> None:
-        """SIGKILL by PID: a crash."""
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self._exited.wait(5)
-
-    def __enter__(self) -> ControllerProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -1,11 +1,9 @@
 """How clients reach the agent: unix socket, TLS, mutual TLS, large messages,
 and a port that is already taken. Real agent processes, real certificates
-(generated here with ``cryptography``), Triton's own client."""
+(from tests/tls_material.py), Triton's own client."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import shutil
 import socket
 import tempfile
@@ -17,14 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tritonclient.utils import InferenceServerException
 
 from tests.agent_process import AgentProcess
 from tests.conftest import EXAMPLE_MODELS, agent_config
+from tests.tls_material import TlsMaterial
 
 MIB = 1024 * 1024
 CLIENT_TIMEOUT_S = 20.0
@@ -123,114 +118,22 @@ class Pki:
     rogue_key: Path
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> Path:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return path
-
-
-def _write_cert(path: Path, cert: x509.Certificate) -> Path:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _make_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = _key()
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def _issue(
-    ca: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
-    common_name: str,
-    usage: x509.ObjectIdentifier,
-    sans: list[x509.GeneralName] | None = None,
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = _key()
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(ca_key, hashes.SHA256()), key
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
-    ca, ca_key = _make_ca("edge-agent test CA")
-    server, server_key = _issue(
-        ca,
-        ca_key,
-        "edge-agent",
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")],
-    )
-    client, client_key = _issue(ca, ca_key, "client-1", ExtendedKeyUsageOID.CLIENT_AUTH)
-    other, other_key = _make_ca("unrelated CA")
-    rogue, rogue_key = _issue(other, other_key, "rogue", ExtendedKeyUsageOID.CLIENT_AUTH)
+    tls = TlsMaterial(d / "ca")
+    client = tls.client("client-1")
+    other = TlsMaterial(d / "unrelated-ca")
+    rogue = other.client("rogue")
     return Pki(
-        ca=_write_cert(d / "ca.pem", ca),
-        server_cert=_write_cert(d / "server.pem", server),
-        server_key=_write_key(d / "server.key", server_key),
-        client_cert=_write_cert(d / "client.pem", client),
-        client_key=_write_key(d / "client.key", client_key),
-        other_ca=_write_cert(d / "other-ca.pem", other),
-        rogue_cert=_write_cert(d / "rogue.pem", rogue),
-        rogue_key=_write_key(d / "rogue.key", rogue_key),
+        ca=tls.ca_cert,
+        server_cert=tls.server_cert,
+        server_key=tls.server_key,
+        client_cert=client.cert,
+        client_key=client.key,
+        other_ca=other.ca_cert,
+        rogue_cert=rogue.cert,
+        rogue_key=rogue.key,
     )
 
 

@@ -60,6 +60,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from tests.agent_process import AgentProcess, write_toml  # noqa: E402
+from tests.processes import LoggedProcess  # noqa: E402
 
 PYTHON = sys.executable
 ECHO_SERVER = Path(__file__).resolve().parent / "echo_server.py"
@@ -440,57 +441,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class EchoProcess:
+class EchoProcess(LoggedProcess):
     """tests/bench/echo_server.py as a child process, read like AgentProcess."""
 
+    name = "echo server"
+    tail_lines = 20
+
     def __init__(self, address: str, outputs_json: Path) -> None:
-        self.lines: list[str] = []
-        self.addresses: list[str] = []
-        self._serving = threading.Event()
-        self.proc = subprocess.Popen(
+        super().__init__(
             [PYTHON, str(ECHO_SERVER), "--address", address, "--outputs", str(outputs_json)],
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+            REPO_ROOT,
         )
-        self.pid = self.proc.pid
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and event.get("msg") == "serving":
-                self.addresses = list(event["addresses"])
-                self._serving.set()
-
-    @property
-    def address(self) -> str:
-        return self.addresses[0]
-
-    def wait_serving(self, timeout: float = 30.0) -> EchoProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._serving.wait(0.05):
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError("echo server exited:\n" + "\n".join(self.lines[-20:]))
-        raise TimeoutError("echo server not serving in time")
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-        return self.proc.wait(timeout)
+        return self.terminate(timeout)
 
 
 ServerProc = AgentProcess | EchoProcess
