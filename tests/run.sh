@@ -4,14 +4,47 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian packages: the broker, and libb64 for perf_analyzer.
+missing=()
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  apt-get update && apt-get install -y mosquitto
+  missing+=(mosquitto)
+fi
+if ! dpkg -s libb64-0d >/dev/null 2>&1; then
+  missing+=(libb64-0d)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  apt-get update && apt-get install -y "${missing[@]}"
 fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
+
+# perf_analyzer: the binary shipped inside tritonclient 2.49.0's wheel runs on
+# Debian 12 given libb64 (above) and libcudart.so.12 (PyPI's CUDA runtime wheel,
+# no GPU needed). Unpacked once into .venv/perf-tools for tests/test_perf_analyzer.py.
+tools=.venv/perf-tools
+if [ ! -x "$tools/bin/perf_analyzer" ]; then
+  rm -rf "$tools" && mkdir -p "$tools/wheels"
+  .venv/bin/python -m pip download --quiet --no-deps -d "$tools/wheels" \
+    tritonclient==2.49.0 nvidia-cuda-runtime-cu12
+  .venv/bin/python - "$tools" <<'PY'
+import shutil, sys, zipfile
+from pathlib import Path
+tools = Path(sys.argv[1])
+(tools / "bin").mkdir()
+(tools / "lib").mkdir()
+for wheel in (tools / "wheels").glob("*.whl"):
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            if name.endswith("/bin/perf_analyzer") or "/libcudart.so" in name:
+                target = tools / ("bin" if name.endswith("perf_analyzer") else "lib") / Path(name).name
+                with zf.open(name) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+(tools / "bin" / "perf_analyzer").chmod(0o755)
+PY
+fi
 
 .venv/bin/ruff check .
 .venv/bin/mypy
