@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -338,5 +338,3 @@ def _with_port(address: str, port: int) -> str:
     host = address.rpartition(":")[0]
     return f"{host}:{port}"
 
-
-Refresher = Callable[[], None]

@@ -81,9 +81,9 @@ def run_batch(
         raise InferenceFailedError(f"onnxruntime failed: {exc}") from exc
     infer_end = _perf_ns()
     by_name = dict(zip(names, results, strict=True))
-    completed: list[Completed] = []
+    per_item: list[list[OutputTensor]] = []
     offset = 0
-    for item, enq in zip(items, enqueued_ns, strict=True):
+    for item in items:
         outputs = []
         for name, datatype in zip(item.output_names, item.output_datatypes, strict=True):
             array = by_name[name]
@@ -91,13 +91,15 @@ def run_batch(
                 array = array[offset : offset + item.batch_size]
             outputs.append(_serialise(name, datatype, array))
         offset += item.batch_size
-        completed.append(Completed(outputs, start - enq, None))  # type: ignore[arg-type]
+        per_item.append(outputs)
     end = _perf_ns()
-    batch = sum(it.batch_size for it in items)
+    # One run serves every request in it: they share its timings.
+    batch = offset  # the samples in this run
     timings = ExecutionTimings(batch, infer_start - start, infer_end - infer_start, end - infer_end)
-    for c in completed:
-        c.timings = timings
-    return completed
+    return [
+        Completed(outputs, start - enq, timings)
+        for outputs, enq in zip(per_item, enqueued_ns, strict=True)
+    ]
 
 
 # What a worker calls on the loop thread when a job is done: (result, exception).
