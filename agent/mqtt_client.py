@@ -88,7 +88,12 @@ class MqttClient:
         if settings.username:
             self._client.username_pw_set(settings.username, settings.password or None)
         if settings.tls_ca:
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.tls_ca)
+            context: ssl.SSLContext = (
+                _NamedServerContext(ssl.PROTOCOL_TLS_CLIENT, settings.tls_server_name)
+                if settings.tls_server_name
+                else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            )
+            context.load_verify_locations(cafile=settings.tls_ca)
             if settings.tls_cert:
                 context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
             self._client.tls_set_context(context)
@@ -295,14 +300,31 @@ class MqttClient:
         failed = reason is not None and getattr(reason, "is_failure", False)
         self._ack(mid, MqttError(f"broker refused publish: {reason}") if failed else None)
 
-    def _on_subscribe(
-        self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any
-    ) -> None:
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         bad = [r for r in reasons if getattr(r, "is_failure", False)]
         self._ack(mid, MqttError(f"broker refused subscription: {bad[0]}") if bad else None)
 
 
 _MISSING: Any = object()
+
+
+class _NamedServerContext(ssl.SSLContext):
+    """Checks (and sends as SNI) a fixed name instead of the host paho connects to.
+
+    For brokers reached by IP address or through a tunnel whose certificate names
+    the broker's DNS name. Verification stays on: only the expected name changes.
+    """
+
+    server_name: str
+
+    def __new__(cls, protocol: int, server_name: str) -> _NamedServerContext:
+        context = super().__new__(cls, protocol)
+        context.server_name = server_name
+        return context
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["server_hostname"] = self.server_name
+        return super().wrap_socket(sock, *args, **kwargs)
 
 
 def _disable_nagle(client: Any, userdata: Any, sock: Any) -> None:

@@ -223,6 +223,36 @@ def test_client_without_a_trusted_certificate_is_refused(
     assert mqtt_tls_broker.running()
 
 
+@pytest.mark.parametrize(
+    ("server_name", "accepted"), [("localhost", True), ("broker.example", False)]
+)
+def test_tls_server_name_is_the_name_checked_in_the_broker_certificate(
+    mqtt_tls_broker: MosquittoBroker, server_name: str, accepted: bool
+) -> None:
+    # The broker's certificate names 127.0.0.1 and localhost; we connect to 127.0.0.1.
+    settings = device_settings(
+        mqtt_tls_broker,
+        "dev-a",
+        client_id=f"named-{os.urandom(3).hex()}",
+        tls_server_name=server_name,
+    )
+
+    async def body() -> None:
+        client = MqttClient(settings)
+        await client.start()
+        try:
+            if accepted:
+                await client.wait_connected(10)
+            else:
+                with pytest.raises(MqttError, match="no connection"):
+                    await client.wait_connected(3)
+                assert client.connection_count == 0
+        finally:
+            await client.stop()
+
+    _run(body())
+
+
 def _fields(settings: MqttSettings) -> dict[str, Any]:
     return {name: getattr(settings, name) for name in MqttSettings.__dataclass_fields__}
 
