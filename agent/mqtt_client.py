@@ -16,6 +16,7 @@ import random
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,10 @@ class Message:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     user_properties: dict[str, str] = field(default_factory=dict)
+    # MQTT v5 message expiry as the broker forwarded it (the seconds left then),
+    # and when it arrived (time.monotonic()), to tell how long it has waited since.
+    expiry_s: int | None = None
+    received: float = 0.0
 
 
 ConnectHook = Callable[[], Coroutine[Any, Any, None]]
@@ -165,11 +170,18 @@ class MqttClient:
         correlation_data: bytes | None = None,
         user_properties: dict[str, str] | None = None,
         wait_ack: bool = True,
+        expiry_s: int | None = None,
     ) -> None:
-        """Publish; with QoS 1 and ``wait_ack``, return once the broker's PUBACK arrived."""
+        """Publish; with QoS 1 and ``wait_ack``, return once the broker's PUBACK arrived.
+
+        ``expiry_s``: the broker discards the message if it could not deliver it
+        within that many seconds (an answer nobody waits for any more).
+        """
         props = None
-        if response_topic or correlation_data or user_properties:
+        if response_topic or correlation_data or user_properties or expiry_s is not None:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if expiry_s is not None:
+                props.MessageExpiryInterval = max(1, expiry_s)
             if response_topic:
                 props.ResponseTopic = response_topic
             if correlation_data:
@@ -282,6 +294,8 @@ class MqttClient:
             response_topic=getattr(props, "ResponseTopic", None),
             correlation_data=getattr(props, "CorrelationData", None),
             user_properties=dict(getattr(props, "UserProperty", None) or []),
+            expiry_s=getattr(props, "MessageExpiryInterval", None),
+            received=time.monotonic(),
         )
         self._call(self.messages.put_nowait, message)
 

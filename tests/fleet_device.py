@@ -117,6 +117,12 @@ class DeviceClient:
         self._counter += 1
         return f"{self.device}-{self._counter}-{os.urandom(4).hex()}".encode()
 
+    def expect(self, correlation: bytes) -> asyncio.Future[Message]:
+        """The future of the answer carrying ``correlation`` (sent by someone else)."""
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._waiting[correlation] = future
+        return future
+
     async def send_raw(
         self,
         payload: bytes,

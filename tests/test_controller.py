@@ -23,8 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.controller.server import ChunkRequestError, parse_chunk_request
+from agent.controller.server import ChunkRequestError, ChunkServer, parse_chunk_request
+from agent.controller.store import ArtifactStore
 from agent.fleet.deployment import DeviceContext, verify_deployment
+from agent.mqtt_client import Message, MqttClient
 from agent.signing.keys import TrustStore, load_public_key
 from agent.signing.oms import key_id, pae
 from tests.controller_process import ControllerProcess, controller_toml, run_controller
@@ -37,7 +39,7 @@ from tests.fleet_device import (
     make_signed_version,
     make_signing_keys,
 )
-from tests.mqtt_broker import BrokerFactory, MosquittoBroker
+from tests.mqtt_broker import CONTROLLER_IDENTITY, BrokerFactory, MosquittoBroker
 
 MODEL = "tabular_classifier"
 MODEL_BYTES = 3 * 1024 * 1024 + 12345  # not a multiple of any chunk size
@@ -346,6 +348,58 @@ def test_serve_answers_chunk_requests_with_exact_bytes(fleet: Fleet) -> None:
     assert stopped is not None
     assert stopped["errors"] == 0
     assert stopped["chunks"] >= 2 + -(-MODEL_BYTES // MAX_CHUNK)
+
+
+def test_requests_past_their_expiry_are_shed_and_answers_carry_what_is_left(
+    fleet: Fleet,
+) -> None:
+    """Overload protection (docs/fleet-protocol.md): the expiry a request arrived with,
+    minus the time it has waited at the controller, decides whether it is answered."""
+
+    async def scenario() -> None:
+        controller = MqttClient(
+            device_settings(fleet.broker, CONTROLLER_IDENTITY, client_id="ctrl-shed")
+        )
+        await controller.start()
+        await controller.wait_connected(10)
+        server = ChunkServer(controller, ArtifactStore(fleet.store), prefix="edge",
+                             share_group="shed-test")
+        try:
+            async with DeviceClient(device_settings(fleet.broker, "dev-a"), "dev-a") as dev:
+
+                async def ask(expiry_s: int | None, waited_s: float) -> asyncio.Future[Message]:
+                    correlation = dev.new_correlation()
+                    answer = dev.expect(correlation)
+                    await server.dispatch(
+                        Message(
+                            topic=dev.request_topic,
+                            payload=chunk_request("dev-a", fleet.model_sha, 0, 1000),
+                            qos=1,
+                            response_topic=dev.reply_topic,
+                            correlation_data=correlation,
+                            expiry_s=expiry_s,
+                            received=time.monotonic() - waited_s,
+                        )
+                    )
+                    return answer
+
+                stale = await ask(5, 4.8)  # 0.2 s left: the device is about to give up
+                fresh = await ask(30, 2.0)
+                unlimited = await ask(None, 60.0)  # no expiry: always answered
+                fresh_answer = await asyncio.wait_for(fresh, 10)
+                unlimited_answer = await asyncio.wait_for(unlimited, 10)
+                assert fresh_answer.payload == fleet.model_bytes[:1000]
+                # The broker forwards the interval that is left: at most 28 s.
+                assert fresh_answer.expiry_s is not None and 20 <= fresh_answer.expiry_s <= 28
+                assert unlimited_answer.expiry_s is None
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stale), 1.5)
+                assert server.stats.shed == 1 and server.stats.chunks == 2
+        finally:
+            await server.close()
+            await controller.stop()
+
+    _run(scenario())
 
 
 def test_two_controllers_share_the_requests(fleet: Fleet, tmp_path: Path) -> None:

@@ -313,3 +313,40 @@ def test_files_already_at_their_destination_are_not_fetched_again(tmp_path: Path
         [(f, tmp_path / "o" / "a"), (g, tmp_path / "o" / "b" / "a")]))
     assert fetcher.requests == []
     assert (tmp_path / "o" / "b" / "a").read_bytes() == data
+
+
+def test_timeouts_halve_the_window_once_per_round_trip_and_answers_regrow_it(
+    tmp_path: Path,
+) -> None:
+    """AIMD: a whole window timing out together is one congestion signal, not eight."""
+    data = os.urandom(40 * 1000)
+    f = artifact("a", data)
+    in_flight = {"now": 0}
+    seen: list[tuple[int, bool]] = []  # (requests in flight when one was sent, after timeouts)
+    first_round = {"left": 8}
+
+    class SlowFetcher(MemoryFetcher):
+        async def fetch(self, sha256: str, offset: int, length: int) -> bytes:
+            in_flight["now"] += 1
+            seen.append((in_flight["now"], first_round["left"] == 0))
+            try:
+                await asyncio.sleep(0.002)
+                if first_round["left"]:
+                    first_round["left"] -= 1
+                    raise ChunkTimeoutError("no answer")
+                return await super().fetch(sha256, offset, length)
+            finally:
+                in_flight["now"] -= 1
+
+    fetcher = SlowFetcher({f.sha256: data})
+    settings = DownloadSettings(chunk_bytes=1000, window=8, retries=2, retry_backoff_s=0.0)
+    downloader = Downloader(tmp_path / "dl", fetcher, settings)
+    run(downloader.download([(f, tmp_path / "o" / "a")]))
+    assert (tmp_path / "o" / "a").read_bytes() == data
+    assert downloader.window.timeouts == 8
+    before = [n for n, after in seen if not after]
+    after = [n for n, after in seen if after]
+    assert max(before) == 8
+    assert max(after[:4]) == 4  # halved once (8 -> 4), not down to 1
+    assert downloader.window.limit == 8  # 22 answers later it is whole again
+    assert max(after) == 8

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -45,6 +46,9 @@ REQUEST_KEYS: Final = frozenset({"schema", "version", "device", "sha256", "offse
 MAX_CORRELATION_BYTES: Final = 256
 MAX_OPEN_BLOBS: Final = 64
 MAX_CONCURRENT_REQUESTS: Final = 64
+# A request with less time left than this is not answered: the answer would
+# reach a device that has already given up on it and asked again.
+SHED_BELOW_S: Final = 0.5
 
 
 class ChunkRequestError(Exception):
@@ -135,6 +139,7 @@ class ServeStats:
     bytes: int = 0
     errors: int = 0
     dropped: int = 0  # requests that could not be answered at all (bad topic)
+    shed: int = 0  # requests left unanswered because the device has stopped waiting
     by_device: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
@@ -143,6 +148,7 @@ class ServeStats:
             "bytes": self.bytes,
             "errors": self.errors,
             "dropped": self.dropped,
+            "shed": self.shed,
         }
 
 
@@ -260,6 +266,13 @@ class ChunkServer:
             return
         reply_to = artifacts_topic(self.prefix, device)
         correlation = message.correlation_data
+        expiry_s: int | None = None
+        if message.expiry_s is not None:
+            left = message.expiry_s - (time.monotonic() - message.received)
+            if left < SHED_BELOW_S:
+                self.stats.shed += 1  # overload: answering late only adds to it
+                return
+            expiry_s = math.ceil(left)
         try:
             if message.response_topic != reply_to:
                 raise ChunkRequestError(
@@ -283,6 +296,7 @@ class ChunkServer:
                 chunk_error_payload(error),
                 correlation,
                 {"schema": SCHEMA_CHUNK_ERROR, "version": str(SCHEMA_VERSION)},
+                expiry_s,
             )
             return
         await self._rate.take(len(data))
@@ -296,6 +310,7 @@ class ChunkServer:
                 "sha256": request.sha256,
                 "offset": str(request.offset),
             },
+            expiry_s,
         )
         self.stats.chunks += 1
         self.stats.bytes += len(data)
@@ -329,6 +344,7 @@ class ChunkServer:
         payload: bytes,
         correlation: bytes | None,
         properties: dict[str, str],
+        expiry_s: int | None,
     ) -> None:
         try:
             await self.client.publish(
@@ -337,6 +353,7 @@ class ChunkServer:
                 qos=1,
                 correlation_data=correlation or None,
                 user_properties=properties,
+                expiry_s=expiry_s,  # the broker drops it once the device stops waiting
             )
         except MqttError as exc:
             # The device re-requests what times out; nothing else to do here.

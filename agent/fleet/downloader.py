@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -366,6 +367,8 @@ class MqttChunkFetcher:
                 response_topic=self.response_topic,
                 correlation_data=correlation,
                 wait_ack=False,
+                # The broker (and the controller) drop a request nobody waits for any more.
+                expiry_s=math.ceil(self.timeout_s),
             )
             return await asyncio.wait_for(future, self.timeout_s)
         except TimeoutError:
@@ -435,6 +438,49 @@ class DownloadSettings:
 ProgressCallback = Callable[[int, int], None]  # (bytes on disk, total)
 
 
+class AdaptiveWindow:
+    """How many chunk requests may be outstanding: halved on a timeout, regrown by one per
+    window of answers (TCP's additive increase, multiplicative decrease).
+
+    When the controllers fall behind, every device of the fleet sends less
+    instead of re-requesting into queues that already make it time out.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+        self.limit = self.size
+        self.timeouts = 0
+        self._in_use = 0
+        self._answers = 0
+        self._last_cut = -math.inf
+        self._freed = asyncio.Event()
+
+    async def acquire(self) -> float:
+        """Wait for a free slot; returns when it was taken (pass it to ``release``)."""
+        while self._in_use >= self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self._in_use += 1
+        return time.monotonic()
+
+    def release(self, taken: float, timed_out: bool) -> None:
+        self._in_use -= 1
+        if timed_out:
+            self.timeouts += 1
+            # One cut per round trip: requests sent before the last cut that time
+            # out as well say nothing new about the current window.
+            if taken > self._last_cut:
+                self.limit = max(1, self.limit // 2)
+                self._last_cut = time.monotonic()
+                self._answers = 0
+        else:
+            self._answers += 1
+            if self._answers >= self.limit and self.limit < self.size:
+                self.limit += 1
+                self._answers = 0
+        self._freed.set()
+
+
 class Downloader:
     """Downloads a set of artifacts into their destinations, resuming from ``directory``."""
 
@@ -450,6 +496,7 @@ class Downloader:
         self.settings = settings
         self.on_progress = on_progress
         self.requests = 0  # chunk requests sent (for tests and benchmarks)
+        self.window = AdaptiveWindow(settings.window)
 
     async def download(self, targets: Sequence[tuple[DeploymentFile, Path]]) -> None:
         """Make every destination hold its artifact (verified by SHA-256)."""
@@ -516,9 +563,8 @@ class Downloader:
                     raise StorageError(f"cannot write {partial.part}: {exc.strerror}") from exc
                 self._progress(done_bytes + sum(p.written.total() for p in partials), total)
 
-        workers = [
-            asyncio.create_task(worker()) for _ in range(min(self.settings.window, len(queue)))
-        ]
+        self.window = AdaptiveWindow(min(self.settings.window, len(queue)))
+        workers = [asyncio.create_task(worker()) for _ in range(self.window.size)]
         try:
             await _gather_or_fail(workers)
         finally:
@@ -533,8 +579,16 @@ class Downloader:
         while True:
             await self.fetcher.wait_online()
             self.requests += 1
+            taken = await self.window.acquire()
+            timed_out = False
             try:
-                data = await self.fetcher.fetch(artifact.sha256, offset, length)
+                try:
+                    data = await self.fetcher.fetch(artifact.sha256, offset, length)
+                except ChunkTimeoutError:
+                    timed_out = self.fetcher.online()
+                    raise
+                finally:
+                    self.window.release(taken, timed_out)
                 if len(data) != length:  # whatever the fetcher: exactly what was asked
                     raise ChunkInvalidError(
                         f"{len(data)} bytes for a request of {length} ({artifact.path}@{offset})"
