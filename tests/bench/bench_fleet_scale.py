@@ -14,6 +14,8 @@ real deployment verification, downloader and chunk protocol) spread over
 * peak ctrl RSS: the larger controller's peak RSS (VmHWM);
 * broker msg/s: messages mosquitto received + sent per second of rollout
   (``$SYS/broker/messages/*``, sampled before and after);
+* shed: chunk requests the controllers left unanswered because the device had
+  already given up on them (overload; 0 on a machine that keeps up);
 * growth: each metric relative to the smallest fleet.
 
     .venv/bin/python tests/bench/bench_fleet_scale.py [--sizes 100,300,1000] [--size-mb 5]
@@ -204,6 +206,7 @@ def run_size(count: int, args: argparse.Namespace, root: Path) -> dict[str, Any]
         broker.stop()
     chunks = sum(s["chunks"] for s in stopped if s)
     served = sum(s["bytes"] for s in stopped if s)
+    shed = sum(s.get("shed", 0) for s in stopped if s)
     messages = sum(after.values()) - sum(before.values()) if before and after else 0
     shutil.rmtree(work / "sim", ignore_errors=True)
     return {
@@ -215,6 +218,7 @@ def run_size(count: int, args: argparse.Namespace, root: Path) -> dict[str, Any]
         "mb_per_s": served / elapsed / 1e6,
         "peak_rss_mb": max(peaks.values()) / 2**20,
         "broker_msgs_per_s": messages / elapsed,
+        "shed": shed,
     }
 
 
@@ -249,7 +253,7 @@ def main() -> int:
     base = rows[0]
     header = (
         f"{'devices':>8} {'ok':>6} {'rollout s':>10} {'chunks/s':>9} {'MB/s':>7} "
-        f"{'peak ctrl RSS MB':>17} {'broker msg/s':>13}  growth vs {base['devices']} "
+        f"{'peak ctrl RSS MB':>17} {'broker msg/s':>13} {'shed':>6}  growth vs {base['devices']} "
         "(time, RSS)"
     )
     print(header)
@@ -257,7 +261,8 @@ def main() -> int:
         print(
             f"{row['devices']:>8} {row['succeeded']:>6} {row['rollout_s']:>10.1f} "
             f"{row['chunks_per_s']:>9.0f} {row['mb_per_s']:>7.1f} {row['peak_rss_mb']:>17.1f} "
-            f"{row['broker_msgs_per_s']:>13.0f}  x{row['rollout_s'] / base['rollout_s']:.2f}, "
+            f"{row['broker_msgs_per_s']:>13.0f} {row['shed']:>6}  "
+            f"x{row['rollout_s'] / base['rollout_s']:.2f}, "
             f"x{row['peak_rss_mb'] / base['peak_rss_mb']:.2f}"
         )
     return 0
