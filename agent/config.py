@@ -92,6 +92,9 @@ DEFAULTS: dict[str, Any] = {
         "probation_max_error_rate": 0.05,
         "probation_min_requests": 20,  # fewer requests than this never fail probation
         "max_start_attempts": 3,  # restarts in one activation/probation before giving up
+        # Version directories a model keeps after a successful update: the active one
+        # and the keep_versions - 1 highest below it (2: the previous one stays).
+        "keep_versions": 2,
     },
     "telemetry": {
         "health_interval_s": 30.0,  # edge.health messages
@@ -227,6 +230,7 @@ _SCHEMA: dict[str, Any] = {
                 "probation_max_error_rate": {"type": "number", "minimum": 0, "maximum": 1},
                 "probation_min_requests": {"type": "integer", "minimum": 1},
                 "max_start_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
+                "keep_versions": {"type": "integer", "minimum": 1},
             },
         },
         "telemetry": {
@@ -332,6 +336,7 @@ class FleetConfig:
     probation_max_error_rate: float
     probation_min_requests: int
     max_start_attempts: int
+    keep_versions: int
 
 
 @dataclass(frozen=True, slots=True)

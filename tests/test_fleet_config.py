@@ -21,6 +21,7 @@ def test_defaults_leave_mqtt_off_with_documented_values() -> None:
     assert config.fleet.window == 16
     assert config.fleet.probation_s == 60.0
     assert 0 < config.fleet.probation_max_error_rate < 1
+    assert config.fleet.keep_versions == 2  # the active version and the one before it
 
 
 def test_a_full_section_is_taken_as_given() -> None:
@@ -30,12 +31,13 @@ def test_a_full_section_is_taken_as_given() -> None:
                  "topic_prefix": "plant/a", "keepalive_s": 10, "session_expiry_s": 0},
         "fleet": {"deployment_trust_dir": "/keys", "chunk_bytes": 65536, "window": 2,
                   "chunk_timeout_s": 0.5, "max_model_bytes": 1 << 20, "probation_s": 0,
-                  "probation_max_error_rate": 0.0},
+                  "probation_max_error_rate": 0.0, "keep_versions": 1},
     })
     assert config.mqtt.device_id == "dev-7"
     assert config.mqtt.topic_prefix == "plant/a"
     assert config.fleet.window == 2
     assert config.fleet.probation_s == 0
+    assert config.fleet.keep_versions == 1
 
 
 @pytest.mark.parametrize(
@@ -60,6 +62,9 @@ def test_a_full_section_is_taken_as_given() -> None:
         ("fleet", {"max_model_bytes": 0}, "fleet.max_model_bytes"),
         ("fleet", {"deployment_trust_dir": ""}, "fleet.deployment_trust_dir"),
         ("fleet", {"staging": "/tmp"}, "fleet.staging"),
+        ("fleet", {"keep_versions": 0}, "fleet.keep_versions"),
+        ("fleet", {"keep_versions": 2.0}, "fleet.keep_versions"),
+        ("fleet", {"keep_versions": "2"}, "fleet.keep_versions"),
     ],
 )
 def test_a_wrong_key_or_value_names_it(section: str, values: dict[str, Any], named: str) -> None:

@@ -8,9 +8,11 @@ device reports. The agent runs as ``edge-agent serve`` in a subprocess.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -100,9 +102,9 @@ def served_k(fleet: Fleet) -> float:
         client.close()
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    tmp = tmp_path_factory.mktemp("fleet")
+@contextlib.contextmanager
+def running_fleet(tmp: Path, **fleet_settings: Any) -> Iterator[Fleet]:
+    """A broker, the in-test controller and an agent serving version 1 of the model."""
     broker = MosquittoBroker(tmp / "broker").start()
     fleet = None
     try:
@@ -110,7 +112,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         repository = tmp / "repo"
         write_version(repository / MODEL / "1", 1.0, keys.model)
         controller = TestController(broker.port)
-        config = agent_config(tmp, broker.port, keys, repository, tmp / "state")
+        config = agent_config(tmp, broker.port, keys, repository, tmp / "state",
+                              **fleet_settings)
         fleet = Fleet(tmp, broker, keys, repository, tmp / "state", controller,
                       AgentProcess(config), config)
         fleet.agent.wait_serving()
@@ -121,6 +124,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             print("agent log:\n" + fleet.agent.log_text()[-20000:])
             fleet.controller.stop()
         broker.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    with running_fleet(tmp_path_factory.mktemp("fleet")) as fleet:
+        yield fleet
 
 
 def wait_online(fleet: Fleet) -> None:
@@ -677,3 +686,54 @@ def test_a_model_new_to_the_device_is_installed(fleet: Fleet) -> None:
         client.close()
     state = json.loads((fleet.state / "state.json").read_text())["models"]["fresh"]
     assert state == {"active": 1, "highest_activated": 1, "last_known_good": 1}
+
+
+# --------------------------------------------------------------------------- old versions
+
+
+def repository_entries(fleet: Fleet) -> set[str]:
+    return {p.name for p in (fleet.repository / MODEL).iterdir()}
+
+
+@pytest.mark.parametrize("keep", [None, 3], ids=["default", "keep_3"])
+def test_old_version_directories_are_removed_after_a_success(
+    tmp_path: Path, keep: int | None
+) -> None:
+    settings = {} if keep is None else {"keep_versions": keep}
+    kept = 2 if keep is None else keep  # the documented default
+    with running_fleet(tmp_path, **settings) as fleet:
+        wait_online(fleet)
+        model_dir = fleet.repository / MODEL
+        # Not version directories: never touched.
+        (model_dir / "notes").mkdir()
+        (model_dir / "notes" / "readme.txt").write_text("operator notes")
+        (model_dir / "README").write_text("x")
+        others = {"notes", "README"}
+        expected = {"1"}
+        for step in range(4):
+            version, files = fleet.version()
+            doc = deployment_doc(files, version, fleet.seq())
+            fleet.controller.deploy(doc, fleet.keys.deploy)
+            done = fleet.controller.wait_job(doc["deployment_id"], {"SUCCEEDED", "FAILED"}, 40)
+            assert done["status"] == "SUCCEEDED", done
+            expected.add(str(version))
+            below = sorted((int(v) for v in expected if int(v) < version), reverse=True)
+            expected -= {str(v) for v in below[kept - 1 :]}
+            if step == 1:
+                # A version above the active one (put there by hand): never removed,
+                # and never served while the device's state pins the model.
+                shutil.copytree(model_dir / str(version), model_dir / "99")
+                expected.add("99")
+            assert repository_entries(fleet) == expected | others, f"after version {version}"
+            assert served_k(fleet) == float(version)
+        assert (model_dir / "notes" / "readme.txt").read_text() == "operator notes"
+        assert not list((fleet.state / "trash").iterdir())
+        state = json.loads((fleet.state / "state.json").read_text())["models"][MODEL]
+        assert state["active"] == state["last_known_good"] == version
+        removed = sorted(
+            e["version"] for e in fleet.agent.events if e.get("msg") == "old model version removed"
+        )
+        assert removed == sorted(
+            v for v in range(1, version) if str(v) not in expected
+        )
+        assert removed  # the rule did remove something

@@ -134,6 +134,7 @@ class UpdaterSettings:
     probation_max_error_rate: float
     probation_min_requests: int
     max_start_attempts: int
+    keep_versions: int
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> UpdaterSettings:
@@ -162,6 +163,7 @@ class UpdaterSettings:
             probation_max_error_rate=fleet.probation_max_error_rate,
             probation_min_requests=fleet.probation_min_requests,
             max_start_attempts=fleet.max_start_attempts,
+            keep_versions=fleet.keep_versions,
         )
 
 
@@ -845,6 +847,9 @@ class Updater:
         await self._transition(Event.PROBATION_PASSED, announce=False)
         failpoint("probation_passed", deployment.sequence)
         await asyncio.to_thread(self._finish_files, job)
+        await asyncio.to_thread(
+            self._prune_versions, name, deployment.model_version, record.last_known_good
+        )
         await self._announce()
 
     async def _roll_back(self, reason: str, message: str) -> None:
@@ -894,6 +899,35 @@ class Updater:
             for artifact in from_record(job.deployment).artifacts:
                 for suffix in (".part", ".ranges"):
                     (self.downloads / f"{artifact.sha256}{suffix}").unlink(missing_ok=True)
+
+    def _prune_versions(self, name: str, active: int, last_known_good: int | None) -> None:
+        """Blocking, after a success: remove the model's version directories below
+        ``active`` beyond the ``keep_versions - 1`` highest (the roll back targets)."""
+        model_dir = self.settings.repository / name
+        try:
+            # Only what the repository scan takes for a version (a real directory with
+            # a canonical number); anything else there is not ours to remove.
+            older = sorted(
+                (int(e.name) for e in model_dir.iterdir()
+                 if e.name.isascii() and e.name.isdigit() and e.name == str(int(e.name))
+                 and e.is_dir() and not e.is_symlink() and 0 < int(e.name) < active),
+                reverse=True,
+            )
+        except OSError as exc:
+            log.warning("old versions not removed", extra={"model": name, "reason": str(exc)})
+            return
+        for version in older[self.settings.keep_versions - 1 :]:
+            if version == last_known_good:
+                continue
+            try:
+                self._remove_version(name, version)
+            except OSError as exc:  # the job has succeeded: a leftover is not a failure
+                log.warning("old version not removed",
+                            extra={"model": name, "version": version, "reason": str(exc)})
+                continue
+            log.info("old model version removed",
+                     extra={"model": name, "version": version, "active_version": active,
+                            "keep_versions": self.settings.keep_versions})
 
     def _remove_version(self, name: str, version: int) -> None:
         target = self.settings.repository / name / str(version)
