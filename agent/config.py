@@ -86,6 +86,9 @@ DEFAULTS: dict[str, Any] = {
         "window": 16,  # chunk requests in flight
         "chunk_timeout_s": 10.0,
         "chunk_retries": 8,  # per chunk, while connected, before the job fails
+        # The whole transfer of one job (per agent run, broker outages included):
+        # slow or silent controllers end the job instead of keeping it forever.
+        "download_timeout_s": 3600.0,
         "max_model_bytes": 4 * 1024 * MIB,
         "max_clock_skew_s": 300.0,
         "probation_s": 60.0,  # a deployment's probation_s overrides it
@@ -224,6 +227,9 @@ _SCHEMA: dict[str, Any] = {
                 "window": {"type": "integer", "minimum": 1, "maximum": 256},
                 "chunk_timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
                 "chunk_retries": {"type": "integer", "minimum": 0, "maximum": 1000},
+                "download_timeout_s": {
+                    "type": "number", "exclusiveMinimum": 0, "maximum": 30 * 86400
+                },
                 "max_model_bytes": {"type": "integer", "minimum": 1, "maximum": 2**48},
                 "max_clock_skew_s": {"type": "number", "minimum": 0, "maximum": 86400},
                 "probation_s": {"type": "number", "minimum": 0, "maximum": 7 * 24 * 3600},
@@ -330,6 +336,7 @@ class FleetConfig:
     window: int
     chunk_timeout_s: float
     chunk_retries: int
+    download_timeout_s: float
     max_model_bytes: int
     max_clock_skew_s: float
     probation_s: float

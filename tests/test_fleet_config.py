@@ -22,6 +22,7 @@ def test_defaults_leave_mqtt_off_with_documented_values() -> None:
     assert config.fleet.probation_s == 60.0
     assert 0 < config.fleet.probation_max_error_rate < 1
     assert config.fleet.keep_versions == 2  # the active version and the one before it
+    assert config.fleet.download_timeout_s == 3600.0
 
 
 def test_a_full_section_is_taken_as_given() -> None:
@@ -31,13 +32,15 @@ def test_a_full_section_is_taken_as_given() -> None:
                  "topic_prefix": "plant/a", "keepalive_s": 10, "session_expiry_s": 0},
         "fleet": {"deployment_trust_dir": "/keys", "chunk_bytes": 65536, "window": 2,
                   "chunk_timeout_s": 0.5, "max_model_bytes": 1 << 20, "probation_s": 0,
-                  "probation_max_error_rate": 0.0, "keep_versions": 1},
+                  "probation_max_error_rate": 0.0, "keep_versions": 1,
+                  "download_timeout_s": 0.5},
     })
     assert config.mqtt.device_id == "dev-7"
     assert config.mqtt.topic_prefix == "plant/a"
     assert config.fleet.window == 2
     assert config.fleet.probation_s == 0
     assert config.fleet.keep_versions == 1
+    assert config.fleet.download_timeout_s == 0.5
 
 
 @pytest.mark.parametrize(
@@ -65,6 +68,10 @@ def test_a_full_section_is_taken_as_given() -> None:
         ("fleet", {"keep_versions": 0}, "fleet.keep_versions"),
         ("fleet", {"keep_versions": 2.0}, "fleet.keep_versions"),
         ("fleet", {"keep_versions": "2"}, "fleet.keep_versions"),
+        ("fleet", {"download_timeout_s": 0}, "fleet.download_timeout_s"),
+        ("fleet", {"download_timeout_s": -1.0}, "fleet.download_timeout_s"),
+        ("fleet", {"download_timeout_s": float("inf")}, "fleet.download_timeout_s"),
+        ("fleet", {"download_timeout_s": "1h"}, "fleet.download_timeout_s"),
     ],
 )
 def test_a_wrong_key_or_value_names_it(section: str, values: dict[str, Any], named: str) -> None:

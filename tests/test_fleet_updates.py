@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -737,3 +738,65 @@ def test_old_version_directories_are_removed_after_a_success(
             v for v in range(1, version) if str(v) not in expected
         )
         assert removed  # the rule did remove something
+
+
+# --------------------------------------------------------------------------- download deadline
+
+
+DOWNLOAD_TIMEOUT_S = 3.0
+
+
+def timed_out_download(fleet: Fleet, doc: dict[str, Any], files: dict[str, bytes]) -> int:
+    """Deploy ``doc``, expect the download deadline to end it; the bytes that arrived."""
+    fleet.controller.deploy(doc, fleet.keys.deploy)
+    done = fleet.controller.wait_job(doc["deployment_id"], TERMINAL, 60)
+    assert (done["phase"], done["status"], done["reason_code"]) == (
+        "Failed", "TIMED_OUT", "download_deadline_exceeded"
+    ), done
+    match = re.fullmatch(
+        r"the download did not finish within fleet\.download_timeout_s = 3 s: "
+        r"(\d+) of (\d+) bytes arrived",
+        done["message"],
+    )
+    assert match, done["message"]
+    arrived, total = int(match[1]), int(match[2])
+    assert total == sum(len(data) for data in files.values())
+    assert arrived < total
+    reported = [(m.get("progress") or {}).get("bytes", 0)
+                for m in fleet.controller.jobs_for(doc["deployment_id"])]
+    assert arrived >= max(reported)
+    fleet.controller.wait_for(
+        lambda: not list((fleet.state / "staging").iterdir())
+        and not list((fleet.state / "downloads").iterdir()),
+        10, "partial files removed",
+    )
+    return arrived
+
+
+def test_a_download_that_outlasts_its_deadline_times_out(tmp_path: Path) -> None:
+    # Chunk timeouts and retries alone would end neither download below: every
+    # chunk is answered in time (slowly), or its 1000 retries outlast the test.
+    with running_fleet(tmp_path, download_timeout_s=DOWNLOAD_TIMEOUT_S,
+                       chunk_timeout_s=2.0, chunk_retries=1000) as fleet:
+        wait_online(fleet)
+        # A controller that answers, slowly: about 490 chunks of 4 KiB, at most 4
+        # in flight, each held back 0.2 s: at least 24 s, whatever the machine.
+        version, files = fleet.version(padding=2_000_000)
+        fleet.controller.policy.delay_s = 0.2
+        with Undisturbed(fleet):
+            timed_out_download(fleet, deployment_doc(files, version, fleet.seq()), files)
+        # A controller that never answers (gone): nothing arrives.
+        fleet.controller.policy.delay_s = 0.0
+        fleet.controller.policy.silent = True
+        version, files = fleet.version()
+        requests_before = fleet.controller.requests
+        with Undisturbed(fleet):
+            arrived = timed_out_download(
+                fleet, deployment_doc(files, version, fleet.seq()), files
+            )
+        assert arrived == 0
+        assert fleet.controller.requests > requests_before  # it did ask
+        state = json.loads((fleet.state / "state.json").read_text())["job"]
+        assert (state["status"], state["reason_code"]) == (
+            "TIMED_OUT", "download_deadline_exceeded"
+        )

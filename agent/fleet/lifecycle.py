@@ -81,7 +81,9 @@ class Reason:
     """Stable reason codes for job failures (deployment rejections use their error's code)."""
 
     SUPERSEDED: Final = "superseded"  # a newer deployment replaced a job before activation
-    DOWNLOAD_TIMED_OUT: Final = "download_timed_out"
+    DOWNLOAD_TIMED_OUT: Final = "download_timed_out"  # a chunk got no answer, retries used up
+    # The whole transfer took longer than fleet.download_timeout_s.
+    DOWNLOAD_DEADLINE_EXCEEDED: Final = "download_deadline_exceeded"
     ARTIFACT_NOT_FOUND: Final = "artifact_not_found"
     CHUNK_INVALID: Final = "chunk_invalid"
     DIGEST_MISMATCH: Final = "digest_mismatch"

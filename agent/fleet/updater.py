@@ -66,6 +66,7 @@ from agent.fleet.deployment import (
     verify_deployment,
 )
 from agent.fleet.downloader import (
+    ChunkFetcher,
     Downloader,
     DownloadError,
     DownloadSettings,
@@ -128,6 +129,7 @@ class UpdaterSettings:
     session: SessionOptions
     download: DownloadSettings
     chunk_timeout_s: float
+    download_timeout_s: float
     max_model_bytes: int
     max_clock_skew_s: float
     probation_s: float
@@ -157,6 +159,7 @@ class UpdaterSettings:
                 chunk_bytes=fleet.chunk_bytes, window=fleet.window, retries=fleet.chunk_retries
             ),
             chunk_timeout_s=fleet.chunk_timeout_s,
+            download_timeout_s=fleet.download_timeout_s,
             max_model_bytes=fleet.max_model_bytes,
             max_clock_skew_s=fleet.max_clock_skew_s,
             probation_s=fleet.probation_s,
@@ -208,6 +211,49 @@ class JobFailure(Exception):
         self.reason = reason
         self.message = message
         self.event = event
+
+
+class _DeadlineExceededError(DownloadError):
+    code = Reason.DOWNLOAD_DEADLINE_EXCEEDED
+
+
+class _DeadlineFetcher:
+    """The job's chunk fetcher bounded by the download's overall deadline.
+
+    Per-chunk timeouts and retries cannot end a download whose controller answers
+    just in time, or that waits for a broker that never comes back. No request
+    or wait for the connection outlasts the deadline, and the downloader does
+    not retry the error, so the transfer stops the way it does for other
+    failures (partial files checkpointed and closed) instead of being cancelled
+    mid-write or mid-hash.
+    """
+
+    def __init__(self, fetcher: ChunkFetcher, deadline: float) -> None:
+        self._fetcher = fetcher
+        self._deadline = deadline  # time.monotonic()
+
+    def _left(self) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise _DeadlineExceededError("the download deadline has passed")
+        return left
+
+    async def wait_online(self) -> None:
+        try:
+            await asyncio.wait_for(self._fetcher.wait_online(), self._left())
+        except TimeoutError:
+            raise _DeadlineExceededError("the download deadline passed while offline") from None
+
+    def online(self) -> bool:
+        return self._fetcher.online()
+
+    async def fetch(self, sha256: str, offset: int, length: int) -> bytes:
+        try:
+            return await asyncio.wait_for(
+                self._fetcher.fetch(sha256, offset, length), self._left()
+            )
+        except TimeoutError:
+            raise _DeadlineExceededError("the download deadline has passed") from None
 
 
 def _encode(message: dict[str, Any]) -> bytes:
@@ -606,13 +652,25 @@ class Updater:
         targets = [(f, staged / f.path) for f in deployment.files]
         if deployment.config is not None:
             targets.append((deployment.config, self._staging(deployment) / CONFIG_PATH))
-        downloader = Downloader(self.downloads, self._fetcher, self.settings.download,
+        # Per agent run: a restart resumes the download with a full allowance.
+        timeout = self.settings.download_timeout_s
+        fetcher = _DeadlineFetcher(self._fetcher, time.monotonic() + timeout)
+        downloader = Downloader(self.downloads, fetcher, self.settings.download,
                                 self._on_progress)
         try:
             await downloader.download(targets)
             failpoint("downloaded", deployment.sequence)
         except VerificationError as exc:  # digest mismatch of a complete file
             raise JobFailure(exc.code, str(exc)) from None
+        except _DeadlineExceededError:
+            total = sum({f.sha256: f.size for f, _ in targets}.values())
+            done, total = self._progress or (0, total)
+            raise JobFailure(
+                Reason.DOWNLOAD_DEADLINE_EXCEEDED,
+                f"the download did not finish within fleet.download_timeout_s = {timeout:g} s: "
+                f"{done} of {total} bytes arrived",
+                Event.TIME_OUT,
+            ) from None
         except DownloadError as exc:
             event = Event.TIME_OUT if exc.code == Reason.DOWNLOAD_TIMED_OUT else Event.FAIL
             raise JobFailure(exc.code, str(exc), event) from None
