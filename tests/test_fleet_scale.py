@@ -298,3 +298,147 @@ def test_serve_drives_a_detached_rollout_through_pause_and_resume(
         assert len(frames) == 2 and {r["device"] for r in frames[-1]} == set(names)
         table = run_controller(["watch", "--count", "1", "--config", str(fleet.config)])
         assert "20 devices: 20 online" in table.stdout, table.stdout
+
+
+def _add_section(config: Path, text: str) -> None:
+    with config.open("a") as handle:
+        handle.write("\n" + text + "\n")
+
+
+def test_a_second_controller_takes_over_when_the_lease_holder_is_killed(
+    scale_fleet: ScaleFleet,
+) -> None:
+    """Two ``serve`` processes share one store; the one driving a detached rollout is
+    SIGKILLed while a wave soaks. The other may only act once the dead one's lease
+    has expired, then finishes the rollout; no wave goes out twice."""
+    from agent.controller.rollout_driver import RolloutBook
+
+    fleet = scale_fleet
+    ttl = 4.0
+    names = device_names(12)
+    options = SimOptions(
+        host=fleet.broker.host,
+        port=fleet.broker.port,
+        prefix="edge",
+        state_dir=fleet.tmp / "sim-state",
+        deploy_trust=fleet.deploy_public,
+        model_trust=fleet.signing.trust_dir,
+        initial_version=1,
+        model=MODEL,
+        health_interval_s=0.3,
+        max_probation_s=0.2,
+    )
+    second = controller_toml(
+        fleet.tmp / "controller-2.toml",
+        fleet.broker,
+        fleet.store,
+        trust_dir=fleet.signing.trust_dir,
+        deploy_key=fleet.tmp / "deploy-keys" / "deployment.key.pem",
+    )
+    for config in (fleet.config, second):
+        _add_section(config, f"[rollout]\nlease_ttl_s = {ttl}")
+    book = RolloutBook(fleet.store)
+    with SimFleet(names, 1, options) as sim:
+        sim.wait_ready(60)
+        controllers = [ControllerProcess(fleet.config), ControllerProcess(second)]
+        try:
+            for controller in controllers:
+                controller.wait_serving()
+            # 12 devices in waves of 2, 4, 4, 2; each wave soaks 3 s.
+            created = _deploy(
+                fleet, 2, "--first", "2", "--wave-size", "4", "--soak", "3", "--detach"
+            )
+            assert created.returncode == 0, created.stdout + created.stderr
+            rollout_id = created.stdout.split()[1].rstrip(":")
+            assert "12 devices in 4 waves (2+4+4+2)" in created.stdout, created.stdout
+
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                if book.load(rollout_id).waves[1].status == "soaking":
+                    break
+                time.sleep(0.1)
+            assert book.load(rollout_id).waves[1].status == "soaking", [
+                c.log_text() for c in controllers
+            ]
+            lease = book.lease(rollout_id)
+            assert lease is not None and lease.pid is not None, lease
+            assert f"pid {lease.pid} " in lease.owner  # the owner names its process too
+            (holder,) = [c for c in controllers if c.pid == lease.pid]
+            (survivor,) = [c for c in controllers if c is not holder]
+            shown = _rollout(fleet, "status", rollout_id, "--json")
+            assert json.loads(shown.stdout)["lease"]["pid"] == holder.pid, shown.stdout
+
+            holder.kill()  # SIGKILL by PID: no release, no goodbye
+            dead_lease = book.lease(rollout_id)
+            assert dead_lease is not None and dead_lease.pid == holder.pid
+            owners: list[tuple[float, int | None]] = []  # (first seen, holder's pid)
+            survivor_leases: list[float] = []  # expiry times of the survivor's leases
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                current = book.lease(rollout_id)
+                if current is not None and (not owners or owners[-1][1] != current.pid):
+                    owners.append((time.time(), current.pid))
+                if current is not None and current.pid == survivor.pid:
+                    survivor_leases.append(current.expires_at)
+                if book.load(rollout_id).status == "completed":
+                    break
+                time.sleep(0.1)
+            final = book.load(rollout_id)
+            assert final.status == "completed", (final.status, final.history[-5:])
+            # The dead holder's lease stood until it expired; then the survivor took it.
+            assert [pid for _, pid in owners][:2] == [holder.pid, survivor.pid], owners
+            # Taken (lease expiry - TTL) no earlier than the dead lease expired.
+            assert min(survivor_leases) - ttl >= dead_lease.expires_at - 0.01, (
+                survivor_leases[:3],
+                dead_lease,
+            )
+            # Nothing was deployed by anyone while the dead holder's lease stood.
+            for wave in final.waves[2:]:
+                assert wave.deployed_at is not None
+                assert wave.deployed_at >= dead_lease.expires_at, (wave, dead_lease)
+
+            def waves_deployed(process: ControllerProcess) -> list[int]:
+                events = process.events
+                return [int(e["wave"]) for e in events if e.get("msg") == "rollout wave deployed"]
+
+            assert sorted(waves_deployed(holder) + waves_deployed(survivor)) == [1, 2, 3, 4]
+            assert {3, 4} <= set(waves_deployed(survivor)), survivor.log_text()
+            assert any(
+                e.get("msg") == "rollout" and e.get("status") == "completed"
+                for e in survivor.events
+            )
+
+            # Every device runs version 2, each from exactly one deployment, and the
+            # store issued exactly one deployment per wave (no wave issued twice).
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                latest = sim.latest_jobs()
+                if len(latest) == len(names) and all(
+                    (e["version"], e["phase"], e["status"]) == (2, "Active", "SUCCEEDED")
+                    for e in latest.values()
+                ):
+                    break
+                time.sleep(0.2)
+            assert sorted(latest) == names
+            assert all(
+                (e["version"], e["phase"], e["status"]) == (2, "Active", "SUCCEEDED")
+                for e in latest.values()
+            ), latest
+            per_device = _per_device_deployments(sim, 2)
+            assert sorted(per_device) == names
+            assert all(len(ids) == 1 for ids in per_device.values()), per_device
+            records = _records(fleet.store, 2)
+            assert [r["devices"] for r in records] == [list(w) for w in final.plan.waves]
+            sequences = [r["sequence"] for r in records]
+            assert sequences == sorted(set(sequences)), sequences
+            assert [r["deployment_id"] for r in records] == [
+                next(iter(set(w.deployments.values()))) for w in final.waves
+            ]
+            deadline = time.monotonic() + 10
+            while book.lease(rollout_id) is not None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert book.lease(rollout_id) is None  # released on completion
+        finally:
+            for controller in controllers:
+                controller.stop()
+    print(f"lease takeover: owners {owners}, dead lease expired at {dead_lease.expires_at:.1f}")

@@ -4,6 +4,8 @@ property test that drives random device behaviour through whole rollouts."""
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,11 @@ from hypothesis import strategies as st
 
 from agent.controller import fleetview
 from agent.controller import rollout as ro
-from agent.controller.rollout_driver import RolloutBook
+from agent.controller.deploy import issue_deployment
+from agent.controller.rollout_driver import RolloutBook, recorded_deployments
+from agent.controller.store import ArtifactStore
+from agent.signing.keys import TrustStore
+from tests.fleet_device import make_signed_version, make_signing_keys
 
 OK = ro.DeviceObservation
 
@@ -358,6 +364,9 @@ def test_json_round_trip_and_storage(tmp_path: Path) -> None:
 def test_leases(tmp_path: Path) -> None:
     book = RolloutBook(tmp_path)
     assert book.acquire("r-1", "one", 100.0, ttl=10.0)
+    lease = book.lease("r-1")
+    assert lease is not None and (lease.owner, lease.expires_at) == ("one", 110.0)
+    assert (lease.pid, lease.host) == (os.getpid(), os.uname().nodename)  # who to look for
     assert book.acquire("r-1", "one", 105.0, ttl=10.0)  # renew
     assert not book.acquire("r-1", "two", 114.0, ttl=10.0)
     assert book.acquire("r-1", "two", 115.1, ttl=10.0)  # expired: taken over
@@ -365,6 +374,32 @@ def test_leases(tmp_path: Path) -> None:
     assert not book.acquire("r-1", "one", 116.0)
     book.release("r-1", "two")
     assert book.acquire("r-1", "one", 116.0)
+
+
+def test_republished_deployments_are_the_bytes_first_published(tmp_path: Path) -> None:
+    """A driver taking a rollout over publishes the current wave again; a device knows
+    a deployment it has seen by the SHA-256 of the envelope, so the bytes must match
+    exactly (else the device verifies it again and rejects it as a replay)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    signing = make_signing_keys(tmp_path / "signing")
+    version_dir = make_signed_version(tmp_path / "repo", "m", 1, {"model.onnx": b"x" * 99}, signing)
+    store = ArtifactStore(tmp_path / "store")
+    store.publish(version_dir, "m", 1, TrustStore.from_directory(signing.trust_dir))
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = [issue_deployment(store, "m", 1, [f"d{i}"], key) for i in range(3)]
+    wanted = {issued[0].deployment_id, issued[2].deployment_id}
+    again = recorded_deployments(store, wanted)
+    assert [d.payload for d in again] == [issued[0].payload, issued[2].payload]
+    # Records written before the exact bytes were kept: rebuilt in the signer's order.
+    for path in store.deployments.glob("*.json"):
+        record = json.loads(path.read_bytes())
+        del record["published"]
+        path.write_text(json.dumps(record, sort_keys=True))
+    assert [d.payload for d in recorded_deployments(store, wanted)] == [
+        issued[0].payload,
+        issued[2].payload,
+    ]
 
 
 # --------------------------------------------------------------------------- property

@@ -34,6 +34,9 @@ trust_dir = "models/keys/trusted"  # model-signing keys that publish verifies ag
 [groups]                  # deployment groups: device ids or shell patterns
 canary = ["dev-001", "dev-002"]
 plant-a = ["plant-a-*"]
+
+[rollout]
+lease_ttl_s = 15.0        # a dead driver's rollouts are taken over after this
 ```
 """
 
@@ -78,6 +81,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "deploy": {"key": "", "passphrase_file": "", "expires_in_s": 7 * 24 * 3600, "probation_s": 60},
     "signing": {"trust_dir": "models/keys/trusted"},
     "groups": {},
+    "rollout": {"lease_ttl_s": 15.0},
 }
 
 
@@ -142,8 +146,23 @@ _SCHEMA: dict[str, Any] = {
                 "items": {"type": "string", "pattern": "^[A-Za-z0-9_.*?\\[\\]!-]{1,64}$"},
             },
         },
+        "rollout": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                # Renewed every step (about 1 s): well above that, or leases flap.
+                "lease_ttl_s": {"type": "number", "minimum": 2, "maximum": 3600},
+            },
+        },
     },
 }
+
+
+@dataclass(frozen=True)
+class RolloutDefaults:
+    """``[rollout]``: how rollouts are driven."""
+
+    lease_ttl_s: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -162,6 +181,7 @@ class ControllerConfig:
     trust_dir: Path
     source: str
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    rollout: RolloutDefaults = field(default_factory=RolloutDefaults)
 
 
 def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,6 +262,7 @@ def build_controller_config(
         trust_dir=Path(merged["signing"]["trust_dir"]),
         source=source,
         groups={name: tuple(members) for name, members in merged["groups"].items()},
+        rollout=RolloutDefaults(lease_ttl_s=float(merged["rollout"]["lease_ttl_s"])),
     )
 
 

@@ -136,7 +136,7 @@ def issue_deployment(
     )
     payload = sign_deployment(deployment, key)
     envelope: dict[str, Any] = json.loads(payload)
-    store.record_deployment(deployment, envelope)
+    store.record_deployment(deployment, envelope, payload)
     return IssuedDeployment(deployment, envelope, payload)
 
 

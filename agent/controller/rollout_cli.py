@@ -124,6 +124,7 @@ async def _drive(
         config.prefix,
         _load_key(config),
         owner,
+        lease_ttl_s=config.rollout.lease_ttl_s,
     )
     tty = sys.stdout.isatty()
     deadline = time.monotonic() + max_wait
@@ -314,10 +315,16 @@ def run_rollout(config: ControllerConfig, args: argparse.Namespace) -> int:
             raise ConfigError(f"rollout {args.action} needs a rollout ID")
         if args.action == "status":
             state = book.load(args.rollout_id)
+            lease = book.lease(args.rollout_id)
             if args.json:
-                print(json.dumps(ro.state_to_json(state), indent=1))
+                shown = ro.state_to_json(state) | {"lease": lease.to_json() if lease else None}
+                print(json.dumps(shown, indent=1))
             else:
                 print("\n".join(progress_lines(state, {}, time.time())))
+                if lease is not None and not state.finished:
+                    left = lease.expires_at - time.time()
+                    until = f"expires in {left:.0f}s" if left > 0 else "expired"
+                    print(f"  driven by {lease.owner} (lease {until})")
                 for stamp, text in state.history[-10:]:
                     print(f"  {time.strftime('%H:%M:%S', time.localtime(stamp))} {text}")
             return EXIT_OK

@@ -8,9 +8,11 @@ Layout under the store directory::
 
 **One driver per rollout.** Any number of controllers (``serve`` processes, a
 foreground ``deploy --group`` or ``rollout resume``) may share the store; a
-rollout is driven only by the holder of its lease (``LEASE_TTL_S``, renewed on
-every step). A controller that dies stops renewing and another takes over once
-the lease expires. Operator commands (pause/resume/abort) change the state
+rollout is driven only by the holder of its lease (``[rollout] lease_ttl_s``,
+default ``LEASE_TTL_S``, renewed on every step). A controller that dies stops
+renewing and another takes over once the lease expires. The lease file names
+the holder's host and PID, so an operator (or a test) can tell which process
+drives a rollout. Operator commands (pause/resume/abort) change the state
 file under the lock; the driver re-reads the state before each step, so a
 command is never lost and takes effect at the next step.
 
@@ -47,6 +49,8 @@ log = logging.getLogger("agent.controller.rollout")
 
 LEASE_TTL_S: Final = 15.0
 _ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+# Key order of agent.fleet.deployment.sign_deployment's envelope.
+_ENVELOPE_ORDER: Final = ("schema", "version", "payloadType", "payload", "signatures")
 
 
 def new_rollout_id() -> str:
@@ -67,6 +71,16 @@ class RolloutNotFoundError(ro.RolloutError):
 class Lease:
     owner: str
     expires_at: float
+    host: str = ""  # of the process that wrote (holds) it
+    pid: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "owner": self.owner,
+            "host": self.host,
+            "pid": self.pid,
+            "expires_at": self.expires_at,
+        }
 
 
 class RolloutBook:
@@ -132,17 +146,28 @@ class RolloutBook:
     def lease(self, rollout_id: str) -> Lease | None:
         try:
             data = json.loads(self._lease_path(rollout_id).read_bytes())
-            return Lease(str(data["owner"]), float(data["expires_at"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            pid = data.get("pid")
+            return Lease(
+                str(data["owner"]),
+                float(data["expires_at"]),
+                str(data.get("host", "")),
+                pid if isinstance(pid, int) else None,
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
     def acquire(self, rollout_id: str, owner: str, now: float, ttl: float = LEASE_TTL_S) -> bool:
-        """Take or renew the lease; False if another owner holds an unexpired one."""
+        """Take or renew the lease; False if another owner holds an unexpired one.
+
+        Only the process that drives the rollout calls this, so the lease records
+        this process's host and PID.
+        """
         with self.locked():
             current = self.lease(rollout_id)
             if current is not None and current.owner != owner and current.expires_at > now:
                 return False
-            data = json.dumps({"owner": owner, "expires_at": now + ttl}).encode()
+            lease = Lease(owner, now + ttl, os.uname().nodename, os.getpid())
+            data = json.dumps(lease.to_json()).encode()
             write_atomically(self._lease_path(rollout_id), data)
             return True
 
@@ -152,6 +177,32 @@ class RolloutBook:
             if current is not None and current.owner == owner:
                 with contextlib.suppress(OSError):
                     self._lease_path(rollout_id).unlink()
+
+
+def recorded_deployments(
+    store: ArtifactStore, deployment_ids: set[str]
+) -> list[IssuedDeployment]:
+    """Issued deployments by id, read back from the store's records, each with the
+    envelope's bytes exactly as first published."""
+    found = []
+    for path in sorted(store.deployments.glob("*.json")):
+        if path.stem.split("-", 1)[-1] not in deployment_ids:
+            continue
+        try:
+            record = json.loads(path.read_bytes())
+            envelope = record["envelope"]
+            published = record.get("published")
+            if isinstance(published, str):
+                payload = published.encode()
+            else:  # recorded before "published" existed: the signer's key order
+                ordered = {k: envelope[k] for k in _ENVELOPE_ORDER if k in envelope}
+                payload = json.dumps(ordered | envelope, separators=(",", ":")).encode()
+            found.append(IssuedDeployment(record["deployment"], envelope, payload))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning(
+                "unreadable deployment record", extra={"path": str(path), "reason": str(exc)}
+            )
+    return found
 
 
 ObservationSource = Callable[[ro.RolloutPlan], Mapping[str, ro.DeviceObservation]]
@@ -169,6 +220,7 @@ class RolloutDriver:
         key: ec.EllipticCurvePrivateKey,
         owner: str,
         clock: Callable[[], float] = time.time,
+        lease_ttl_s: float = LEASE_TTL_S,
     ) -> None:
         self.store = store
         self.book = book
@@ -177,6 +229,7 @@ class RolloutDriver:
         self.key = key
         self.owner = owner
         self.clock = clock
+        self.lease_ttl_s = lease_ttl_s
         self._republished: set[str] = set()
 
     def _issue(
@@ -205,23 +258,6 @@ class RolloutDriver:
                     desired_topic(self.prefix, device), deployment.payload, qos=1, retain=True
                 )
 
-    def _recorded(self, deployment_ids: set[str]) -> list[IssuedDeployment]:
-        """Issued deployments by id, read back from the store's records."""
-        found = []
-        for path in sorted(self.store.deployments.glob("*.json")):
-            if path.stem.split("-", 1)[-1] not in deployment_ids:
-                continue
-            try:
-                record = json.loads(path.read_bytes())
-                envelope = record["envelope"]
-                payload = json.dumps(envelope, separators=(",", ":")).encode("ascii")
-                found.append(IssuedDeployment(record["deployment"], envelope, payload))
-            except (OSError, ValueError, KeyError) as exc:
-                log.warning(
-                    "unreadable deployment record", extra={"path": str(path), "reason": str(exc)}
-                )
-        return found
-
     async def republish_current(self, state: ro.RolloutState) -> None:
         """After taking a rollout over: publish its current wave's deployments again
         (the same envelopes; a device ignores one it has seen)."""
@@ -235,7 +271,7 @@ class RolloutDriver:
             ids |= set(state.waves[index].deployments.values())
         ids |= set(state.rollback_deployments.values())
         if ids:
-            await self._publish(self._recorded(ids))
+            await self._publish(recorded_deployments(self.store, ids))
 
     async def step(self, rollout_id: str, observe: ObservationSource) -> ro.RolloutState | None:
         """One step of one rollout, if this driver holds (or gets) its lease.
@@ -243,7 +279,7 @@ class RolloutDriver:
         Returns the state after the step, or None if another controller drives it.
         """
         now = self.clock()
-        if not self.book.acquire(rollout_id, self.owner, now):
+        if not self.book.acquire(rollout_id, self.owner, now, self.lease_ttl_s):
             return None
         state = self.book.load(rollout_id)
         if state.finished:
@@ -297,4 +333,5 @@ def store_error_text(exc: StoreError | ro.RolloutError) -> str:
 
 
 def owner_id(label: str) -> str:
-    return f"{label}-{os.uname().nodename}-{os.getpid()}"
+    """A lease owner unique to this process, e.g. ``serve edge-controller-a pid 4242 on host``."""
+    return f"{label} pid {os.getpid()} on {os.uname().nodename}"

@@ -55,7 +55,8 @@ class ControllerService:
                 self.client,
                 config.prefix,
                 _load_key(config),
-                owner_id(config.broker.client_id or "serve"),
+                owner_id(f"serve {config.broker.client_id}"),
+                lease_ttl_s=config.rollout.lease_ttl_s,
             )
         self._stop = asyncio.Event()
 

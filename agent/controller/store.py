@@ -4,7 +4,8 @@ Layout under the store directory::
 
     blobs/sha256/<hex>                 every published file, named by its SHA-256
     models/<name>/<version>.json       the version's manifest (files, config, signer)
-    deployments/<sequence>-<id>.json   every deployment document issued
+    deployments/<sequence>-<id>.json   every deployment issued (document, envelope, the
+                                       envelope's bytes as published)
     sequence                           the last deployment sequence number issued
 
 ``publish`` verifies the version directory's OpenSSF model signature against the
@@ -356,7 +357,16 @@ class ArtifactStore:
             write_atomically(self.root / "sequence", f"{sequence}\n".encode())
         return sequence
 
-    def record_deployment(self, deployment: dict[str, Any], envelope: dict[str, Any]) -> Path:
+    def record_deployment(
+        self, deployment: dict[str, Any], envelope: dict[str, Any], payload: bytes
+    ) -> Path:
+        """Record an issued deployment; ``payload`` is the envelope exactly as published.
+
+        Devices recognise a deployment they have seen by the SHA-256 of those bytes,
+        so a republication (rollout takeover, crash recovery) must send them
+        unchanged: the record's ``envelope`` is re-encoded (sorted keys) and would not do.
+        """
         path = self.deployments / f"{deployment['sequence']}-{deployment['deployment_id']}.json"
-        write_atomically(path, encode_json({"deployment": deployment, "envelope": envelope}))
+        record = {"deployment": deployment, "envelope": envelope, "published": payload.decode()}
+        write_atomically(path, encode_json(record))
         return path
