@@ -3,12 +3,19 @@ end) asks of the agent. It knows models and tensors, not wire formats."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent import __version__
-from agent.errors import DeadlineExceededError, NotPermittedError, ServerUnavailableError
+from agent.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    NotPermittedError,
+    QueueFullError,
+    ServerUnavailableError,
+)
 from agent.inference import DecodedRequest, InferenceRequest, InferenceResponse, decode_request
 from agent.model_manager import ModelManager, ServingModel
 from agent.repository import check_model_name
@@ -24,6 +31,14 @@ EXTENSIONS = (
     "statistics",
     "binary_tensor_data",
 )
+
+
+# Failures a client can cause at will with a good model (bad input, its own
+# deadline, a flood, going away). Triton's fail statistics count them; a fleet
+# probation must not (ModelStats.faults), or one client could roll a good
+# version back.
+_CLIENT_CAUSED = (InvalidInputError, DeadlineExceededError, QueueFullError,
+                  asyncio.CancelledError)
 
 
 # Called after each successful request, on the event-loop thread; must be cheap
@@ -143,8 +158,10 @@ class DataPlane:
             if request.deadline is not None and time.monotonic() >= request.deadline:
                 raise DeadlineExceededError("the request's deadline passed before it was queued")
             done = await model.scheduler.submit(decoded, request.deadline)
-        except BaseException:
-            stats.record_failure(time.perf_counter_ns() - started)
+        except BaseException as exc:
+            stats.record_failure(
+                time.perf_counter_ns() - started, not isinstance(exc, _CLIENT_CAUSED)
+            )
             raise
         stats.record_success(
             time.perf_counter_ns() - started, done.queue_ns, decoded.batch_size, done.timings

@@ -63,6 +63,9 @@ class ModelStats:
     batches: dict[int, BatchStats] = field(default_factory=dict)
     # Successful requests by latency: latency[i] counts those <= LATENCY_BOUNDS_NS[i].
     latency: list[int] = field(default_factory=_latency_buckets)
+    # The failed requests (of ``fail``) that are the model's or the server's fault,
+    # not the client's (see agent.dataplane): what a fleet probation judges.
+    faults: int = 0
 
     def record_execution(self, t: ExecutionTimings) -> None:
         self.execution_count += 1
@@ -85,5 +88,7 @@ class ModelStats:
         self.inference_count += batch_size
         self.last_inference_ms = time.time_ns() // 1_000_000
 
-    def record_failure(self, request_ns: int) -> None:
+    def record_failure(self, request_ns: int, fault: bool) -> None:
         self.fail.add(request_ns)
+        if fault:
+            self.faults += 1

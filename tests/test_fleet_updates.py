@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from cryptography.hazmat.primitives.asymmetric import ec
+from tritonclient.utils import InferenceServerException
 
 from agent.fleet.deployment import sign_deployment
 from agent.signing.keys import TrustStore
@@ -507,6 +508,57 @@ def test_a_version_that_fails_in_probation_is_rolled_back(fleet: Fleet) -> None:
     again = deployment_doc(files, version, fleet.seq())
     with Undisturbed(fleet):
         rejected(fleet, sign_deployment(again, fleet.keys.deploy), "version_rollback")
+
+
+def malformed_inputs(kind: int) -> list[Any]:
+    """Requests the agent must refuse with INVALID_ARGUMENT, whatever the model."""
+    if kind == 0:  # wrong shape
+        inp = grpcclient.InferInput("x", [1, 7], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 7), np.float32))
+    elif kind == 1:  # wrong datatype
+        inp = grpcclient.InferInput("x", [1, 4], "INT32")
+        inp.set_data_from_numpy(np.zeros((1, 4), np.int32))
+    else:  # an input the model does not have
+        inp = grpcclient.InferInput("not_x", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 4), np.float32))
+    return [inp]
+
+
+def test_malformed_requests_in_probation_do_not_roll_a_good_version_back(fleet: Fleet) -> None:
+    # The fleet's probation: at least 4 requests, at most 25 % failed. Counted as
+    # before, 60 refused requests against 10 good ones would roll the version back.
+    wait_idle(fleet)
+    version, files = fleet.version()
+    doc = deployment_doc(files, version, fleet.seq(), probation_s=15.0)
+    fleet.controller.deploy(doc, fleet.keys.deploy)
+    fleet.controller.wait_for(
+        lambda: [m for m in fleet.controller.jobs_for(doc["deployment_id"])
+                 if (m["phase"], m["status"]) == ("Active", "IN_PROGRESS")],
+        30, "probation",
+    )
+    client = fleet.triton()
+    try:
+        before = client.get_inference_statistics(MODEL, str(version)).model_stats[0]
+        refused = 0
+        for i in range(60):
+            with pytest.raises(InferenceServerException) as info:
+                client.infer(MODEL, malformed_inputs(i % 3), model_version=str(version))
+            assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value
+            refused += 1
+        for _ in range(10):
+            assert float(infer(client)[0, 0]) == float(version)
+        after = client.get_inference_statistics(MODEL, str(version)).model_stats[0]
+    finally:
+        client.close()
+    # Triton's statistics still count every refused request as failed...
+    assert after.inference_stats.fail.count - before.inference_stats.fail.count == refused
+    assert after.inference_stats.success.count - before.inference_stats.success.count == 10
+    # ...and they all came in during probation (else this test proves nothing).
+    assert not [m for m in fleet.controller.jobs_for(doc["deployment_id"])
+                if m["status"] == "SUCCEEDED"], "probation ended before the requests were sent"
+    done = fleet.controller.wait_job(doc["deployment_id"], {"SUCCEEDED", "FAILED"}, 40)
+    assert (done["phase"], done["status"]) == ("Active", "SUCCEEDED"), done
+    assert served_k(fleet) == float(version)
 
 
 # --------------------------------------------------------------------------- supersede and resume

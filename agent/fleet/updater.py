@@ -886,8 +886,10 @@ class Updater:
                                  f"version {version} stopped serving", Event.ROLL_BACK)
             if serving is not watched:
                 watched = serving
-                base_fail, base_ok = serving.stats.fail.count, serving.stats.success.count
-            failed = serving.stats.fail.count - base_fail
+                base_fail, base_ok = serving.stats.faults, serving.stats.success.count
+            # Only the model's (or server's) faults: requests a client got wrong say
+            # nothing about the version, and must not let one client roll it back.
+            failed = serving.stats.faults - base_fail
             total = failed + serving.stats.success.count - base_ok
             if total >= s.probation_min_requests and failed / total > s.probation_max_error_rate:
                 raise JobFailure(
