@@ -661,3 +661,105 @@ def test_serve_limits_its_send_rate(fleet: Fleet, tmp_path: Path) -> None:
         elapsed = _run(scenario())
     # The first chunk goes out at once; the rest is spaced at the configured rate.
     assert elapsed >= (MODEL_BYTES - MAX_CHUNK) / rate * 0.95, elapsed
+
+
+def test_rollout_defaults_come_from_the_config_and_flags_win(fleet: Fleet) -> None:
+    """``[rollout]`` gives ``deploy --group`` its plan; each flag given overrides one key."""
+    base = fleet.config.read_text()
+    devices = [f"dev-{i:02d}" for i in range(10)]
+    base += "\n[groups]\nline = [" + ", ".join(f'"{d}"' for d in devices) + "]\n"
+    configured = fleet.config.parent / "with-rollout.toml"
+    configured.write_text(
+        base
+        + """
+[rollout]
+first = "3"
+wave_size = "40%"
+soak_s = 7.5
+wave_timeout_s = 99
+max_error_rate = 0.2
+max_p99_ms = 80
+max_failed = 1
+halt_on_drift = false
+rollback_on_halt = true
+"""
+    )
+    plain = fleet.config.parent / "without-rollout.toml"
+    plain.write_text(base)
+
+    def plan(config: Path, *flags: str) -> tuple[dict[str, Any], str]:
+        created = run_controller(
+            ["deploy", MODEL, "3", "--group", "line", "--detach", "--config", str(config), *flags]
+        )
+        assert created.returncode == 0, created.stdout + created.stderr
+        rollout_id = created.stdout.split()[1].rstrip(":")
+        shown = run_controller(["rollout", "status", rollout_id, "--json", "--config", str(config)])
+        assert shown.returncode == 0, shown.stderr
+        loaded: dict[str, Any] = json.loads(shown.stdout)["plan"]
+        return loaded, created.stdout
+
+    from_config, printed = plan(configured)
+    assert [len(w) for w in from_config["waves"]] == [3, 4, 3]
+    assert (from_config["soak_s"], from_config["wave_timeout_s"]) == (7.5, 99)
+    assert from_config["thresholds"] == {
+        "max_error_rate": 0.2,
+        "max_p99_ms": 80,
+        "halt_on_drift": False,
+        "max_failed_devices": 1,
+    }
+    assert from_config["rollback_on_halt"] is True
+    assert (
+        "soak 7.5s, wave timeout 99s, max error rate 0.2, max p99 80 ms, ignore on drift, "
+        "1 failed per wave tolerated, roll back on halt: yes" in printed
+    ), printed
+
+    flags = (
+        *("--first", "50%", "--wave-size", "rest", "--soak", "1", "--wave-timeout", "5"),
+        *("--max-error-rate", "none", "--max-p99-ms", "5", "--max-failed", "0"),
+        *("--halt-on-drift", "--no-rollback-on-halt"),
+    )
+    from_flags, _ = plan(configured, *flags)
+    assert [len(w) for w in from_flags["waves"]] == [5, 5]
+    assert (from_flags["soak_s"], from_flags["wave_timeout_s"]) == (1, 5)
+    assert from_flags["thresholds"] == {
+        "max_error_rate": None,
+        "max_p99_ms": 5,
+        "halt_on_drift": True,
+        "max_failed_devices": 0,
+    }
+    assert from_flags["rollback_on_halt"] is False
+
+    # One flag changes one key; the others still come from the config.
+    mixed, _ = plan(configured, "--soak", "2", "--ignore-drift")
+    assert [len(w) for w in mixed["waves"]] == [3, 4, 3] and mixed["soak_s"] == 2
+    assert mixed["thresholds"]["max_error_rate"] == 0.2 and mixed["rollback_on_halt"] is True
+
+    built_in, _ = plan(plain)
+    assert [len(w) for w in built_in["waves"]] == [1, 9]
+    assert (built_in["soak_s"], built_in["wave_timeout_s"]) == (60, 3600)
+    assert built_in["thresholds"] == {
+        "max_error_rate": 0.05,
+        "max_p99_ms": None,
+        "halt_on_drift": True,
+        "max_failed_devices": 0,
+    }
+    assert built_in["rollback_on_halt"] is False
+
+    for bad, key in (
+        ('first = "0%"', "rollout.first"),
+        ('wave_size = "many"', "rollout.wave_size"),
+        ('max_error_rate = "off"', "rollout.max_error_rate"),
+        ("max_error_rate = 1.5", "rollout.max_error_rate"),
+        ("max_p99_ms = 0", "rollout.max_p99_ms"),
+        ("soak_s = -1", "rollout.soak_s"),
+        ('rollback_on_halt = "yes"', "rollout.rollback_on_halt"),
+        ("lease_ttl_s = 1", "rollout.lease_ttl_s"),
+        ("waves = 3", "rollout.waves"),
+    ):
+        broken = fleet.config.parent / "broken.toml"
+        broken.write_text(base + f"\n[rollout]\n{bad}\n")
+        result = run_controller(
+            ["deploy", MODEL, "3", "--group", "line", "--detach", "--config", str(broken)]
+        )
+        assert result.returncode == 2, (bad, result.stdout, result.stderr)
+        assert key in result.stderr, (bad, result.stderr)

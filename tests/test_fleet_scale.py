@@ -442,3 +442,54 @@ def test_a_second_controller_takes_over_when_the_lease_holder_is_killed(
             for controller in controllers:
                 controller.stop()
     print(f"lease takeover: owners {owners}, dead lease expired at {dead_lease.expires_at:.1f}")
+
+
+def test_rollout_thresholds_from_the_config_judge_real_waves(scale_fleet: ScaleFleet) -> None:
+    """``[rollout]`` decides what a soaking wave is judged by: version 3's 50% error
+    rate passes under the config's 0.6 (the built-in 0.05 would halt it); a flag's
+    0.2 halts version 4, and the config's rollback_on_halt rolls its wave back."""
+    fleet = scale_fleet
+    _publish(fleet, 4, MODEL_BYTES)
+    _add_section(
+        fleet.config,
+        '[rollout]\nfirst = "2"\nwave_size = "50%"\nsoak_s = 1.5\nmax_error_rate = 0.6\n'
+        "rollback_on_halt = true",
+    )
+    names = device_names(10)
+    options = SimOptions(
+        host=fleet.broker.host,
+        port=fleet.broker.port,
+        prefix="edge",
+        state_dir=fleet.tmp / "sim-state",
+        deploy_trust=fleet.deploy_public,
+        model_trust=fleet.signing.trust_dir,
+        initial_version=2,
+        model=MODEL,
+        bad_versions=frozenset({3, 4}),
+        health_interval_s=0.3,
+        max_probation_s=0.2,
+    )
+    with SimFleet(names, 1, options) as sim, ControllerProcess(fleet.config) as controller:
+        sim.wait_ready(60)
+        controller.wait_serving()
+        lenient = _deploy(fleet, 3)
+        assert lenient.returncode == 0, lenient.stdout + lenient.stderr + controller.log_text()
+        assert "10 devices in 3 waves (2+5+3)" in lenient.stdout, lenient.stdout
+        assert "max error rate 0.6" in lenient.stdout and "completed" in lenient.stdout
+        assert set(_per_device_deployments(sim, 3)) == set(names)
+
+        strict = _deploy(fleet, 4, "--max-error-rate", "0.2")
+        assert strict.returncode == 1, strict.stdout + strict.stderr
+        assert "halted" in strict.stderr and "error rate" in strict.stderr, strict.stderr
+        wave_one = names[:2]
+        assert set(_per_device_deployments(sim, 4)) == set(wave_one)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            latest = sim.latest_jobs()
+            back = [(latest[d]["version"], latest[d]["status"]) for d in wave_one]
+            if back == [(3, "SUCCEEDED")] * len(wave_one):
+                break
+            time.sleep(0.2)
+        assert all(latest[d]["version"] == 3 for d in wave_one), [latest[d] for d in wave_one]
+        rollbacks = [r for r in _records(fleet.store, 3) if r["allow_downgrade"]]
+        assert [r["devices"] for r in rollbacks] == [wave_one]

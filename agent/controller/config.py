@@ -35,7 +35,16 @@ trust_dir = "models/keys/trusted"  # model-signing keys that publish verifies ag
 canary = ["dev-001", "dev-002"]
 plant-a = ["plant-a-*"]
 
-[rollout]
+[rollout]                 # defaults of `deploy --group` (its flags win)
+first = "10%"             # first wave: a count or a share of the group
+wave_size = ""            # later waves ("" or "rest": the rest in one wave)
+soak_s = 60.0
+wave_timeout_s = 3600.0
+max_error_rate = 0.05     # a number, or "none" (not checked)
+max_p99_ms = "none"       # a number, or "none"
+max_failed = 0            # failed devices tolerated per wave
+halt_on_drift = true
+rollback_on_halt = false
 lease_ttl_s = 15.0        # a dead driver's rollouts are taken over after this
 ```
 """
@@ -81,7 +90,18 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "deploy": {"key": "", "passphrase_file": "", "expires_in_s": 7 * 24 * 3600, "probation_s": 60},
     "signing": {"trust_dir": "models/keys/trusted"},
     "groups": {},
-    "rollout": {"lease_ttl_s": 15.0},
+    "rollout": {
+        "first": "10%",
+        "wave_size": "",
+        "soak_s": 60.0,
+        "wave_timeout_s": 3600.0,
+        "max_error_rate": 0.05,
+        "max_p99_ms": "none",
+        "max_failed": 0,
+        "halt_on_drift": True,
+        "rollback_on_halt": False,
+        "lease_ttl_s": 15.0,
+    },
 }
 
 
@@ -150,6 +170,19 @@ _SCHEMA: dict[str, Any] = {
             "type": "object",
             "additionalProperties": False,
             "properties": {
+                **_strings("first", "wave_size"),
+                "soak_s": {"type": "number", "minimum": 0},
+                "wave_timeout_s": {"type": "number", "exclusiveMinimum": 0},
+                # TOML has no null: "none" turns a threshold off.
+                "max_error_rate": {
+                    "anyOf": [{"type": "number", "minimum": 0, "maximum": 1}, {"const": "none"}]
+                },
+                "max_p99_ms": {
+                    "anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"const": "none"}]
+                },
+                "max_failed": {"type": "integer", "minimum": 0},
+                "halt_on_drift": {"type": "boolean"},
+                "rollback_on_halt": {"type": "boolean"},
                 # Renewed every step (about 1 s): well above that, or leases flap.
                 "lease_ttl_s": {"type": "number", "minimum": 2, "maximum": 3600},
             },
@@ -160,9 +193,53 @@ _SCHEMA: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class RolloutDefaults:
-    """``[rollout]``: how rollouts are driven."""
+    """``[rollout]``: the plan ``deploy --group`` makes unless flags say otherwise,
+    and how rollouts are driven."""
 
+    first: str = "10%"
+    wave_size: str | None = None  # None: the rest in one wave
+    soak_s: float = 60.0
+    wave_timeout_s: float = 3600.0
+    max_error_rate: float | None = 0.05
+    max_p99_ms: float | None = None
+    max_failed: int = 0
+    halt_on_drift: bool = True
+    rollback_on_halt: bool = False
     lease_ttl_s: float = 15.0
+
+
+def wave_size_or_rest(text: str | None) -> str | None:
+    """``--wave-size`` / ``rollout.wave_size``: "" and "rest" mean the rest in one wave."""
+    return None if text is None or text.strip().lower() in ("", "rest") else text
+
+
+def _rollout_defaults(values: Mapping[str, Any], source: str) -> RolloutDefaults:
+    from agent.controller.rollout import RolloutError, parse_size
+
+    wave_size = wave_size_or_rest(values["wave_size"])
+    for key, text in (("first", values["first"]), ("wave_size", wave_size)):
+        if text is None:
+            continue
+        try:
+            parse_size(text, f"key 'rollout.{key}':")
+        except RolloutError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def limit(value: Any) -> float | None:
+        return None if value == "none" else float(value)
+
+    return RolloutDefaults(
+        first=values["first"],
+        wave_size=wave_size,
+        soak_s=float(values["soak_s"]),
+        wave_timeout_s=float(values["wave_timeout_s"]),
+        max_error_rate=limit(values["max_error_rate"]),
+        max_p99_ms=limit(values["max_p99_ms"]),
+        max_failed=values["max_failed"],
+        halt_on_drift=values["halt_on_drift"],
+        rollback_on_halt=values["rollback_on_halt"],
+        lease_ttl_s=float(values["lease_ttl_s"]),
+    )
 
 
 @dataclass(frozen=True)
@@ -262,7 +339,7 @@ def build_controller_config(
         trust_dir=Path(merged["signing"]["trust_dir"]),
         source=source,
         groups={name: tuple(members) for name, members in merged["groups"].items()},
-        rollout=RolloutDefaults(lease_ttl_s=float(merged["rollout"]["lease_ttl_s"])),
+        rollout=_rollout_defaults(merged["rollout"], source),
     )
 
 

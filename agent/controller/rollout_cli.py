@@ -1,7 +1,8 @@
 """``edge-controller deploy --group`` and ``edge-controller rollout ...``.
 
 ``deploy MODEL VERSION --group G`` plans a staged rollout (waves from ``--first``
-and ``--wave-size``), saves it in the store, and drives it in the foreground
+and ``--wave-size``; each option a flag leaves out comes from the config's
+``[rollout]``), saves it in the store, and drives it in the foreground
 with a progress bar per wave until it completes, halts, is paused or aborted
 (``--detach``: leave it to the ``serve`` processes, which resume every
 unfinished rollout). ``rollout status|pause|resume|abort|list``; ``rollout
@@ -81,6 +82,22 @@ def progress_lines(
             f"  roll back: {state.rollback} ({len(state.rollback_deployments)} devices)"
         )
     return lines
+
+
+def plan_summary(plan: ro.RolloutPlan) -> str:
+    """The plan's soak, timeout, thresholds and roll back policy, on one line."""
+    t = plan.thresholds
+
+    def off(value: float | None, unit: str = "") -> str:
+        return "off" if value is None else f"{value:g}{unit}"
+
+    return (
+        f"soak {plan.soak_s:g}s, wave timeout {plan.wave_timeout_s:g}s, "
+        f"max error rate {off(t.max_error_rate)}, max p99 {off(t.max_p99_ms, ' ms')}, "
+        f"{'halt' if t.halt_on_drift else 'ignore'} on drift, "
+        f"{t.max_failed_devices} failed per wave tolerated, "
+        f"roll back on halt: {'yes' if plan.rollback_on_halt else 'no'}"
+    )
 
 
 # --------------------------------------------------------------------------- driving
@@ -175,10 +192,38 @@ def _outcome(state: ro.RolloutState) -> int:
     return EXIT_OK
 
 
-def _float_or_none(text: str | None) -> float | None:
-    if text is None or text.lower() in ("", "none", "off"):
+def _float_or_none(text: str) -> float | None:
+    if text.lower() in ("", "none", "off"):
         return None
     return float(text)
+
+
+def _rollout_plan_options(config: ControllerConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The plan's options: each flag given, else the config's ``[rollout]`` value."""
+    from agent.controller.config import wave_size_or_rest
+
+    d = config.rollout
+
+    def pick(flag: Any, default: Any) -> Any:
+        return default if flag is None else flag
+
+    return {
+        "first": pick(args.first, d.first),
+        "wave_size": wave_size_or_rest(args.wave_size) if args.wave_size else d.wave_size,
+        "soak_s": pick(args.soak, d.soak_s),
+        "wave_timeout_s": pick(args.wave_timeout, d.wave_timeout_s),
+        "thresholds": ro.Thresholds(
+            max_error_rate=(
+                d.max_error_rate
+                if args.max_error_rate is None
+                else _float_or_none(args.max_error_rate)
+            ),
+            max_p99_ms=d.max_p99_ms if args.max_p99_ms is None else _float_or_none(args.max_p99_ms),
+            halt_on_drift=pick(args.halt_on_drift, d.halt_on_drift),
+            max_failed_devices=pick(args.max_failed, d.max_failed),
+        ),
+        "rollback_on_halt": pick(args.rollback_on_halt, d.rollback_on_halt),
+    }
 
 
 async def _deploy_group(config: ControllerConfig, args: argparse.Namespace) -> int:
@@ -208,22 +253,15 @@ async def _deploy_group(config: ControllerConfig, args: argparse.Namespace) -> i
             if isinstance(info, dict):
                 value = info.get("last_known_good") or info.get("active_version")
             previous[device] = value if isinstance(value, int) else None
+        options = _rollout_plan_options(config, args)
         plan = ro.RolloutPlan(
             rollout_id=new_rollout_id(),
             model=args.model,
             version=args.version,
             group=args.group,
-            waves=ro.plan_waves(devices, args.first, args.wave_size),
+            waves=ro.plan_waves(devices, options.pop("first"), options.pop("wave_size")),
             previous=previous,
-            soak_s=args.soak,
-            wave_timeout_s=args.wave_timeout,
-            thresholds=ro.Thresholds(
-                max_error_rate=_float_or_none(args.max_error_rate),
-                max_p99_ms=_float_or_none(args.max_p99_ms),
-                halt_on_drift=not args.ignore_drift,
-                max_failed_devices=args.max_failed,
-            ),
-            rollback_on_halt=args.rollback_on_halt,
+            **options,
             expires_in_s=args.expires_in if args.expires_in is not None else config.expires_in_s,
             probation_s=args.probation if args.probation is not None else config.probation_s,
             created_at=time.time(),
@@ -235,6 +273,7 @@ async def _deploy_group(config: ControllerConfig, args: argparse.Namespace) -> i
             f"rollout {plan.rollout_id}: {args.model} version {args.version} to group "
             f"{args.group}: {len(devices)} devices in {len(plan.waves)} waves ({sizes})"
         )
+        print(f"  {plan_summary(plan)}")
         if args.detach:
             print("detached: `edge-controller serve` drives it; `rollout status` follows it")
             return EXIT_OK
@@ -342,27 +381,39 @@ def run_rollout(config: ControllerConfig, args: argparse.Namespace) -> int:
 
 def add_rollout_options(parser: argparse.ArgumentParser) -> None:
     """Options of ``deploy --group`` (the rollout plan) and of driving in the foreground."""
-    group = parser.add_argument_group("staged rollout (with --group)")
+    # Every default is None: an unset flag takes the config's [rollout] value.
+    group = parser.add_argument_group(
+        "staged rollout (with --group; defaults from the config's [rollout])"
+    )
     group.add_argument("--group", metavar="G", help="deploy to group G in waves")
-    group.add_argument("--first", default="10%", metavar="N|P%", help="first wave (default 10%%)")
+    group.add_argument("--first", metavar="N|P%", help="first wave (built in: 10%%)")
     group.add_argument(
-        "--wave-size", metavar="N|P%", help="later waves (default: the rest in one wave)"
+        "--wave-size", metavar="N|P%|rest", help="later waves (built in: the rest in one wave)"
     )
-    group.add_argument(
-        "--soak", type=float, default=60.0, metavar="S", help="healthy time per wave (60)"
+    group.add_argument("--soak", type=float, metavar="S", help="healthy time per wave (60)")
+    group.add_argument("--wave-timeout", type=float, metavar="S", help="halt a slower wave (3600)")
+    group.add_argument("--max-error-rate", metavar="R", help="halt above it (0.05; none: off)")
+    group.add_argument("--max-p99-ms", metavar="MS", help="halt above it (none: off)")
+    group.add_argument("--max-failed", type=int, metavar="N", help="failures per wave (0)")
+    drift = group.add_mutually_exclusive_group()
+    drift.add_argument(
+        "--ignore-drift",
+        dest="halt_on_drift",
+        action="store_false",
+        default=None,
+        help="do not halt on drift",
     )
-    group.add_argument(
-        "--wave-timeout", type=float, default=3600.0, metavar="S", help="halt a slower wave"
+    drift.add_argument(
+        "--halt-on-drift",
+        dest="halt_on_drift",
+        action="store_true",
+        default=None,
+        help="halt when a device reports drift (built in)",
     )
-    group.add_argument(
-        "--max-error-rate", default="0.05", metavar="R", help="halt above it (none: off)"
-    )
-    group.add_argument("--max-p99-ms", default=None, metavar="MS", help="halt above it")
-    group.add_argument("--max-failed", type=int, default=0, metavar="N", help="per wave")
-    group.add_argument("--ignore-drift", action="store_true", help="do not halt on drift")
     group.add_argument(
         "--rollback-on-halt",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="deploy the failed wave's previous version if the rollout halts",
     )
     add_drive_options(parser)
