@@ -763,3 +763,109 @@ rollback_on_halt = true
         )
         assert result.returncode == 2, (bad, result.stdout, result.stderr)
         assert key in result.stderr, (bad, result.stderr)
+
+
+def _publish_under_pty(args: list[str], timeout: float = 120.0) -> tuple[int, str, str]:
+    """Run ``edge-controller ARGS`` with stderr on a pseudo-terminal (stdout a pipe);
+    returns (exit code, stdout, what the terminal received)."""
+    import pty
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    from tests.agent_process import REPO_ROOT
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.controller.cli", *args],
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+    )
+    os.close(slave)
+    received = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child's side of the terminal is closed
+                break
+            if not data:
+                break
+            received += data
+        assert proc.stdout is not None
+        stdout = proc.stdout.read().decode()
+        code = proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        os.close(master)
+    return code, stdout, received.decode(errors="replace")
+
+
+def test_publish_shows_a_progress_bar_only_on_a_terminal(tmp_path: Path) -> None:
+    from tests.agent_process import write_toml
+
+    signing = make_signing_keys(tmp_path / "signing")
+    config = write_toml(
+        tmp_path / "controller.toml",
+        {
+            "store": {"dir": str(tmp_path / "store")},
+            "signing": {"trust_dir": str(signing.trust_dir)},
+        },
+    )
+    size = 48 * 1024 * 1024 + 5  # a large version: many 1 MiB chunks to count
+    payload = os.urandom(size)
+    dirs = {
+        version: make_signed_version(
+            tmp_path / f"repo-{version}",
+            MODEL,
+            version,
+            {"model.onnx": payload, "labels.txt": b"a\nb\n"},
+            signing,
+            config_pbtxt=CONFIG_PBTXT,
+        )
+        for version in (4, 5)
+    }
+
+    def publish_args(version: int) -> list[str]:
+        args = [str(dirs[version]), "--model", MODEL, "--version", str(version)]
+        return ["publish", *args, "--config", str(config)]
+
+    # Not a terminal: the one result line on stdout, nothing on stderr.
+    piped = run_controller(publish_args(4))
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stderr == ""
+    assert piped.stdout.startswith(f"published {MODEL} version 4: 3 files + config.pbtxt, ")
+    assert piped.stdout.count("\n") == 1 and "[" not in piped.stdout
+
+    code, stdout, terminal = _publish_under_pty(publish_args(5))
+    assert code == 0, terminal
+    assert stdout.startswith(f"published {MODEL} version 5: 3 files + config.pbtxt, ")
+    assert stdout.count("\n") == 1 and "\r" not in stdout  # the bar never goes to stdout
+    full = "[" + "#" * 24 + "]"
+    lines = [ln.split("\r")[-1] for ln in terminal.replace("\r\n", "\n").split("\n") if ln]
+    verify_line = next(ln for ln in lines if ln.startswith("verify"))
+    copy_line = next(ln for ln in lines if ln.startswith("copy"))
+    assert f"{MODEL} v5 {full}" in verify_line and "100%" in verify_line, terminal
+    assert "48.0 MiB / 48.0 MiB" in verify_line, verify_line
+    assert f"{MODEL} v5 {full}" in copy_line and "100%" in copy_line, terminal
+    assert "48.0 MiB / 48.0 MiB" in copy_line, copy_line  # + model.sig and config
+    # Redrawn in place (\r), never going backwards within a phase.
+    for phase in ("verify", "copy"):
+        shown = [
+            int(part.split("%")[0].split()[-1])
+            for part in terminal.split("\r")
+            if part.startswith(phase) and "%" in part
+        ]
+        assert shown and shown == sorted(shown) and shown[-1] == 100, (phase, shown)
+    print(f"publish of 48 MiB on a terminal: {terminal.count(chr(13))} redraws")

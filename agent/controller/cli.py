@@ -82,17 +82,29 @@ def run_keygen(args: argparse.Namespace) -> int:
 
 
 def run_publish(args: argparse.Namespace) -> int:
+    from agent.controller.progress import ByteProgress
     from agent.controller.store import ArtifactStore
     from agent.signing.keys import TrustStore
 
+    # Only for a person watching: a pipe or a file (scripts, logs) gets no bar.
+    bar = ByteProgress(sys.stderr, f"{args.model} v{args.version}") if sys.stderr.isatty() else None
     try:
         config = _config(args)
         trust = TrustStore.from_directory(config.trust_dir)
         manifest = ArtifactStore(config.store_dir).publish(
-            args.version_dir, args.model, args.version, trust, args.config_pbtxt
+            args.version_dir,
+            args.model,
+            args.version,
+            trust,
+            args.config_pbtxt,
+            progress=bar.update if bar is not None else None,
         )
     except AgentError as exc:
+        if bar is not None:
+            bar.close()  # the error starts on a line of its own
         return _fail(exc)
+    if bar is not None:
+        bar.close()
     print(
         f"published {manifest.name} version {manifest.version}: {len(manifest.files)} files"
         f"{' + config.pbtxt' if manifest.config else ''}, {manifest.total_bytes} bytes, "
@@ -334,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     publish = sub.add_parser(
         "publish",
         parents=[common],
-        help="verify a signed version directory and add it to the store",
+        help="verify a signed version directory and add it to the store "
+        "(with a progress bar on stderr if it is a terminal)",
     )
     publish.add_argument("version_dir", type=Path, metavar="VERSION_DIR")
     publish.add_argument("--model", required=True, help="model name")

@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 from agent.controller import rollout as ro
+from agent.controller.progress import bar
 from agent.errors import AgentError, ConfigError
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_CONFIG: Final = 2
 EXIT_NOT_FOUND: Final = 3
-BAR_WIDTH: Final = 24
 
 
 def _fail(exc: Exception) -> int:
@@ -41,13 +41,6 @@ def _fail(exc: Exception) -> int:
 
 
 # --------------------------------------------------------------------------- progress
-
-
-def _bar(done: int, total: int, failed: int = 0) -> str:
-    total = max(total, 1)
-    full = round(BAR_WIDTH * done / total)
-    bad = min(BAR_WIDTH - full, round(BAR_WIDTH * failed / total)) if failed else 0
-    return "[" + "#" * full + "x" * bad + "." * (BAR_WIDTH - full - bad) + "]"
 
 
 def progress_lines(
@@ -72,7 +65,7 @@ def progress_lines(
         if wave.status == "soaking" and wave.succeeded_at is not None:
             detail = f"soaking {min(now - wave.succeeded_at, plan.soak_s):.0f}/{plan.soak_s:g}s"
         lines.append(
-            f"  wave {index + 1}/{len(plan.waves)} {_bar(done, len(devices), len(wave.failures))}"
+            f"  wave {index + 1}/{len(plan.waves)} {bar(done, len(devices), len(wave.failures))}"
             f" {done:>4}/{len(devices):<4} succeeded  {len(wave.failures)} failed  {detail}"
         )
     if state.halt_reason:

@@ -23,8 +23,9 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -172,6 +173,46 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
+PublishProgress = Callable[[str, int, int], None]  # phase, bytes so far, total bytes
+
+
+class _Counter:
+    """Adds up chunk lengths for one phase of a :data:`PublishProgress`."""
+
+    def __init__(self, report: PublishProgress, phase: str, total: int) -> None:
+        self.report = report
+        self.phase = phase
+        self.total = total
+        self.done = 0
+
+    def __call__(self, count: int) -> None:
+        self.done += count
+        self.total = max(self.total, self.done)
+        self.report(self.phase, self.done, self.total)
+
+
+def _sizes(paths: list[Path]) -> int:
+    total = 0
+    for path in paths:
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size
+    return total
+
+
+def _tree_bytes(directory: Path) -> int:
+    """Bytes of the regular files under ``directory`` but the signature (an estimate)."""
+    total = 0
+    for root, _dirs, names in os.walk(directory):
+        for name in names:
+            if root == str(directory) and name == SIGNATURE_FILENAME:
+                continue
+            with contextlib.suppress(OSError):
+                info = os.lstat(os.path.join(root, name))
+                if stat.S_ISREG(info.st_mode):
+                    total += info.st_size
+    return total
+
+
 class ArtifactStore:
     """A directory of content-addressed blobs and version manifests."""
 
@@ -191,8 +232,12 @@ class ArtifactStore:
     def has_blob(self, sha256: str) -> bool:
         return self.blob_path(sha256).is_file()
 
-    def _copy_into_blobs(self, source: Path, expected: str | None) -> StoredFile:
-        """Copy ``source`` into the blob store; its digest must equal ``expected`` if given."""
+    def _copy_into_blobs(
+        self, source: Path, expected: str | None, progress: Callable[[int], None] | None = None
+    ) -> StoredFile:
+        """Copy ``source`` into the blob store; its digest must equal ``expected`` if given.
+
+        ``progress`` gets the length of each chunk copied."""
         self.blobs.mkdir(parents=True, exist_ok=True)
         temp = self.blobs / f".incoming.{secrets.token_hex(8)}"
         hasher = hashlib.sha256()
@@ -204,6 +249,8 @@ class ArtifactStore:
                     hasher.update(chunk)
                     dst.write(chunk)
                     size += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
                 dst.flush()
                 os.fsync(dst.fileno())
             digest = hasher.hexdigest()
@@ -279,27 +326,41 @@ class ArtifactStore:
         version: int,
         trust: TrustStore,
         config_path: Path | None = None,
+        progress: PublishProgress | None = None,
     ) -> ModelManifest:
         """Verify ``version_dir`` against ``trust`` and add it to the store as NAME/VERSION.
 
         ``config_path`` defaults to ``config.pbtxt`` in the directory above the
-        version directory (Triton's layout), if there is one.
+        version directory (Triton's layout), if there is one. ``progress`` is
+        told ``("verify" | "copy", bytes so far, total bytes)`` as the files are
+        hashed, then copied.
         """
         check_model_version(name, version)
-        verified = verify_version(version_dir, trust)
-        files: list[StoredFile] = []
-        for rel in sorted(verified.manifest):
-            check_file_path(rel, f"{version_dir}/{rel}")  # what a device accepts
-            stored = self._copy_into_blobs(version_dir / rel, verified.manifest[rel])
-            files.append(StoredFile(rel, stored.sha256, stored.size))
-        signature = self._copy_into_blobs(version_dir / SIGNATURE_FILENAME, None)
-        files.append(StoredFile(SIGNATURE_FILENAME, signature.sha256, signature.size))
         if config_path is None:
             candidate = version_dir.parent / CONFIG_PATH
             config_path = candidate if candidate.is_file() else None
+        verify_counter = copy_counter = None
+        if progress is not None:
+            # The listing's size is an estimate (files the signer excluded are not
+            # hashed); the phase ends at the verified total.
+            verify_counter = _Counter(progress, "verify", _tree_bytes(version_dir))
+        verified = verify_version(version_dir, trust, progress=verify_counter)
+        if progress is not None:
+            progress("verify", verified.total_bytes, verified.total_bytes)
+            extra = [version_dir / SIGNATURE_FILENAME, *([config_path] if config_path else [])]
+            copy_counter = _Counter(progress, "copy", verified.total_bytes + _sizes(extra))
+        files: list[StoredFile] = []
+        for rel in sorted(verified.manifest):
+            check_file_path(rel, f"{version_dir}/{rel}")  # what a device accepts
+            stored = self._copy_into_blobs(
+                version_dir / rel, verified.manifest[rel], copy_counter
+            )
+            files.append(StoredFile(rel, stored.sha256, stored.size))
+        signature = self._copy_into_blobs(version_dir / SIGNATURE_FILENAME, None, copy_counter)
+        files.append(StoredFile(SIGNATURE_FILENAME, signature.sha256, signature.size))
         config = None
         if config_path is not None:
-            stored = self._copy_into_blobs(config_path, None)
+            stored = self._copy_into_blobs(config_path, None, copy_counter)
             config = StoredFile(CONFIG_PATH, stored.sha256, stored.size)
         manifest = ModelManifest(
             name=name,

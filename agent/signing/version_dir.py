@@ -176,8 +176,11 @@ def _is_symlink(dir_fd: int, name: str) -> bool:
         return False
 
 
-def _hash_stream(fd: int, buffer: bytearray) -> tuple[str, int]:
-    """SHA-256 and length of everything readable from ``fd``, in bounded chunks."""
+def _hash_stream(
+    fd: int, buffer: bytearray, progress: Callable[[int], None] | None = None
+) -> tuple[str, int]:
+    """SHA-256 and length of everything readable from ``fd``, in bounded chunks
+    (``progress`` gets each chunk's length)."""
     hasher = hashlib.sha256()
     view = memoryview(buffer)
     total = 0
@@ -190,6 +193,8 @@ def _hash_stream(fd: int, buffer: bytearray) -> tuple[str, int]:
                 break
             hasher.update(view[:count])
             total += count
+            if progress is not None:
+                progress(count)
     return hasher.hexdigest(), total
 
 
@@ -198,10 +203,12 @@ def _read_whole(fd: int) -> bytes:
         return handle.readall()
 
 
-def _hash_file(root_fd: int, rel: str, buffer: bytearray) -> tuple[str, int]:
+def _hash_file(
+    root_fd: int, rel: str, buffer: bytearray, progress: Callable[[int], None] | None = None
+) -> tuple[str, int]:
     try:
         with _fd(_open_beneath(root_fd, rel)) as fd:
-            return _hash_stream(fd, buffer)
+            return _hash_stream(fd, buffer, progress)
     except OSError as exc:
         raise FileReadError(f"{rel}: cannot read: {exc.strerror}") from None
 
@@ -313,11 +320,16 @@ def _list_files(
 
 
 def verify_version(
-    version_dir: Path, trust: TrustStore, load: Collection[str] = ()
+    version_dir: Path,
+    trust: TrustStore,
+    load: Collection[str] = (),
+    progress: Callable[[int], None] | None = None,
 ) -> VerifiedVersion:
     """Verify ``version_dir`` against ``trust``; return the manifest and the bytes of ``load``.
 
-    Raises a :class:`agent.errors.VerificationError` subclass on any failure.
+    ``progress`` is called with the byte count of each piece of a signed file
+    hashed (for a progress bar). Raises a :class:`agent.errors.VerificationError`
+    subclass on any failure.
     """
     with _fd(_open_root(version_dir)) as root_fd:
         signed = oms.verify_bundle(_read_signature(root_fd, version_dir), trust.public_keys)
@@ -349,8 +361,10 @@ def verify_version(
                 oms.check_digest(rel, manifest, digest)
                 contents[rel] = data
                 total += len(data)
+                if progress is not None:
+                    progress(len(data))
             else:
-                digest, size = _hash_file(root_fd, rel, buffer)
+                digest, size = _hash_file(root_fd, rel, buffer, progress)
                 oms.check_digest(rel, manifest, digest)
                 total += size
     return VerifiedVersion(
