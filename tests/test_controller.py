@@ -607,6 +607,15 @@ def test_controller_config_errors_name_the_key(
     result = run_controller(["serve", "--config", str(config)])
     assert result.returncode == 2
     assert "broker.port" in result.stderr
+    store = f'[store]\ndir = "{tmp_path / "store"}"\n'
+    for member in ("tag:a b", "tag:", "tag:-x", "tag:a:b", f"tag:{'a' * 33}"):
+        config.write_text(f'{store}[groups]\nline = ["{member}"]\n')
+        result = run_controller(["rollout", "list", "--config", str(config)])
+        assert result.returncode == 2, member
+        assert "groups.line" in result.stderr, result.stderr
+    config.write_text(f'{store}[groups]\nline = ["tag:line-3", "tag:{"a" * 32}", "dev-*"]\n')
+    result = run_controller(["rollout", "list", "--config", str(config)])
+    assert result.returncode == 0, result.stderr
 
 
 def test_download_survives_a_device_in_the_share_group(fleet: Fleet) -> None:

@@ -493,3 +493,95 @@ def test_rollout_thresholds_from_the_config_judge_real_waves(scale_fleet: ScaleF
         assert all(latest[d]["version"] == 3 for d in wave_one), [latest[d] for d in wave_one]
         rollbacks = [r for r in _records(fleet.store, 3) if r["allow_downgrade"]]
         assert [r["devices"] for r in rollbacks] == [wave_one]
+
+
+def test_groups_from_reported_tags(scale_fleet: ScaleFleet) -> None:
+    """Devices report tags; ``[groups]`` selects by ``tag:<tag>`` next to ids, ``status``
+    shows the tags, and ``deploy --group`` reaches exactly the tagged devices."""
+    fleet = scale_fleet
+    names = device_names(8)
+    tags = {
+        names[0]: ["line-3"],
+        names[1]: ["line-3"],
+        names[2]: ["line-3", "night"],
+        names[3]: ["line-4"],
+        names[4]: ["bad/tag", "line-4"],  # the bad one is ignored
+        names[5]: ["line-3:x", " line-3"],  # nothing valid
+    }
+    with fleet.config.open("a") as handle:  # into the fixture's [groups], the last section
+        handle.write('line3 = ["tag:line-3", "sim-0007"]\n')
+    options = SimOptions(
+        host=fleet.broker.host,
+        port=fleet.broker.port,
+        prefix="edge",
+        state_dir=fleet.tmp / "sim-state",
+        deploy_trust=fleet.deploy_public,
+        model_trust=fleet.signing.trust_dir,
+        initial_version=1,
+        model=MODEL,
+        health_interval_s=0.5,
+        max_probation_s=0.2,
+        tags=tags,
+    )
+    with SimFleet(names, 1, options) as sim, ControllerProcess(fleet.config) as controller:
+        sim.wait_ready(60)
+        controller.wait_serving()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            shown = run_controller(["status", "--json", "--config", str(fleet.config)])
+            rows = {r["device"]: r for r in json.loads(shown.stdout or "[]")}
+            if len(rows) == len(names):
+                break
+            time.sleep(0.5)
+        assert sorted(rows) == names, shown.stdout + shown.stderr
+        assert {d: r["tags"] for d, r in rows.items()} == {
+            names[0]: ["line-3"],
+            names[1]: ["line-3"],
+            names[2]: ["line-3", "night"],
+            names[3]: ["line-4"],
+            names[4]: ["line-4"],
+            names[5]: [],
+            names[6]: [],
+            names[7]: [],
+        }
+        assert rows[names[2]]["groups"] == ["all", "line3", "tag:line-3", "tag:night"]
+        assert rows[names[7]]["groups"] == ["all", "line3"]
+        table = run_controller(["status", "--group", "line3", "--config", str(fleet.config)])
+        assert table.returncode == 0, table.stderr
+        header, *body = table.stdout.splitlines()
+        assert header.split()[-1] == "TAGS"
+        listed = {line.split()[0]: line.split()[-1] for line in body if line.startswith("sim-")}
+        assert listed == {
+            names[0]: "line-3",
+            names[1]: "line-3",
+            names[2]: "line-3,night",
+            names[7]: "-",
+        }
+        night = run_controller(
+            ["status", "--group", "tag:night", "--json", "--config", str(fleet.config)]
+        )
+        assert [r["device"] for r in json.loads(night.stdout)] == [names[2]]
+
+        rollout = run_controller(
+            [
+                *("deploy", MODEL, "2", "--group", "line3", "--first", "2", "--soak", "0.5"),
+                *("--config", str(fleet.config), "--interval", "0.2"),
+            ],
+            timeout=150,
+        )
+        assert rollout.returncode == 0, rollout.stdout + rollout.stderr + controller.log_text()
+        assert "to group line3: 4 devices in 2 waves (2+2)" in rollout.stdout, rollout.stdout
+        line3 = [names[0], names[1], names[2], names[7]]
+        assert sorted(_per_device_deployments(sim, 2)) == line3
+        latest = sim.latest_jobs()
+        assert all(latest[d]["version"] == 2 for d in line3)
+        assert not set(latest) - set(line3)  # nobody else got a job
+
+        by_tag = run_controller(
+            [
+                *("deploy", MODEL, "3", "--group", "tag:line-4", "--detach"),
+                *("--config", str(fleet.config)),
+            ]
+        )
+        assert by_tag.returncode == 0, by_tag.stderr
+        assert "to group tag:line-4: 2 devices" in by_tag.stdout, by_tag.stdout

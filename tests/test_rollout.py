@@ -521,9 +521,22 @@ def test_fleet_rows_table_groups_and_observation() -> None:
     assert fleetview.resolve_group("tag:plant-a", groups, devices) == ["dev-1"]
     with pytest.raises(KeyError):
         fleetview.resolve_group("nope", groups, devices)
+    # tag:<t> members next to ids and patterns; bad reported tags are ignored.
+    devices["dev-3"] = _entry(
+        "dev-3", reported={"online": True, "tags": ["plant-a", "bad tag", "x:y", 7, "a" * 33]}
+    )
+    devices["edge-4"] = _entry("edge-4", reported={"online": True, "tags": ["plant-b"]})
+    tagged = {"a": ["tag:plant-a", "dev-9"], "ab": ["tag:plant-a", "tag:plant-b", "edge-*"]}
+    assert fleetview.resolve_group("a", tagged, devices) == ["dev-1", "dev-3", "dev-9"]
+    assert fleetview.resolve_group("ab", tagged, devices) == ["dev-1", "dev-3", "edge-4"]
+    assert fleetview.resolve_group("tag:bad tag", tagged, devices) == []
+    assert fleetview.device_tags(devices["dev-3"]) == ("plant-a",)
+    assert fleetview.groups_of("edge-4", devices["edge-4"], tagged) == ["ab", "tag:plant-b"]
+    del devices["dev-3"], devices["edge-4"]
     rows = fleetview.fleet_rows(devices, groups)
     one = rows[0].to_json()
     assert one["groups"] == ["all", "canary", "tag:plant-a"]
+    assert one["tags"] == ["plant-a"] and rows[1].to_json()["tags"] == []
     assert one["health"]["error_rate"] == pytest.approx(0.1)
     assert one["health"]["p99_ms"] == 7.5 and one["health"]["cpu_percent"] == 12.0
     assert one["drift_flags"] == ["m:3"] and one["active_versions"] == {"m": 3}
@@ -532,6 +545,7 @@ def test_fleet_rows_table_groups_and_observation() -> None:
     assert "online 60s" in lines[1] and "m:3" in lines[1] and "Active/IN_PROGRESS" in lines[1]
     assert "err 10.0%" in lines[1] and "p99 7.5ms" in lines[1] and "m:3" in lines[1]
     assert "offline 10s" in lines[2]
+    assert lines[1].endswith("plant-a") and lines[2].endswith("-")  # the TAGS column
     assert lines[-1].startswith("2 devices: 1 online, 1 offline/unknown, 0 failed jobs, 1 with")
     seen = fleetview.observation(devices["dev-1"], "m", 3)
     assert seen == ro.DeviceObservation(

@@ -224,7 +224,8 @@ def _fleet_rows(config: ControllerConfig, group: str | None) -> list[Any]:
             only = resolve_group(group, config.groups, devices)
         except KeyError:
             raise ConfigError(
-                f"no group {group!r} (declared: {', '.join(sorted(config.groups)) or 'none'})"
+                f"no group {group!r} (declared: {', '.join(sorted(config.groups)) or 'none'}; "
+                "or tag:<tag>)"
             ) from None
     return fleet_rows(devices, config.groups, only)
 

@@ -31,9 +31,10 @@ probation_s = 60
 [signing]
 trust_dir = "models/keys/trusted"  # model-signing keys that publish verifies against
 
-[groups]                  # deployment groups: device ids or shell patterns
+[groups]                  # deployment groups: device ids, shell patterns, tag:<tag>
 canary = ["dev-001", "dev-002"]
 plant-a = ["plant-a-*"]
+line-3 = ["tag:line-3", "dev-007"]   # devices reporting tag line-3, and dev-007
 
 [rollout]                 # defaults of `deploy --group` (its flags win)
 first = "10%"             # first wave: a count or a share of the group
@@ -64,6 +65,7 @@ import jsonschema
 
 from agent.controller.protocol import DEFAULT_MAX_CHUNK_BYTES, check_prefix, check_share_group
 from agent.errors import ConfigError
+from agent.fleet.tags import TAG_PATTERN
 from agent.mqtt_client import MqttSettings
 
 DEFAULT_CONTROLLER_CONFIG = Path("/etc/edge-agent/controller.toml")
@@ -103,6 +105,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "lease_ttl_s": 15.0,
     },
 }
+
+
+_GROUP_MEMBER = "^(tag:" + TAG_PATTERN.strip("^$") + "|[A-Za-z0-9_.*?\\[\\]!-]{1,64})$"
 
 
 def _strings(*names: str) -> dict[str, Any]:
@@ -163,7 +168,11 @@ _SCHEMA: dict[str, Any] = {
             "propertyNames": {"pattern": "^[A-Za-z0-9_.-]{1,64}$"},
             "additionalProperties": {
                 "type": "array",
-                "items": {"type": "string", "pattern": "^[A-Za-z0-9_.*?\\[\\]!-]{1,64}$"},
+                # A device id, a shell pattern, or tag:<tag> (devices reporting the tag).
+                "items": {
+                    "type": "string",
+                    "pattern": _GROUP_MEMBER,
+                },
             },
         },
         "rollout": {

@@ -6,10 +6,12 @@ with the time it arrived); output is one :class:`DeviceRow` per device, a text
 table for ``edge-controller status`` / ``watch``, the same as JSON, and the
 :class:`~agent.controller.rollout.DeviceObservation` a rollout judges a device by.
 
-Groups come from the controller config: ``[groups] name = ["dev-001", "edge-*"]``
-(device ids, or shell-style patterns matched against the devices known from
-their reports). A device that reports ``tags`` in its reported state is also in
-the group ``tag:<tag>``.
+Groups come from the controller config: ``[groups] name = ["dev-001", "edge-*",
+"tag:line-3"]`` (device ids, shell-style patterns matched against the devices
+known from their reports, and ``tag:<tag>``: the known devices whose latest
+reported state carries that tag). A device reporting tags is also in the group
+``tag:<tag>`` of each, declared or not. Tags that break the rule of
+:mod:`agent.fleet.tags` are ignored.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from agent.controller.rollout import DeviceObservation
+from agent.fleet.tags import reported_tags
 
 PATTERN_CHARS: Final = frozenset("*?[")
+TAG_PREFIX: Final = "tag:"
 
 
 def _message(entry: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -48,10 +52,16 @@ def _num(value: Any) -> float | None:
 
 
 def device_tags(entry: Mapping[str, Any]) -> tuple[str, ...]:
-    tags = _message(entry, "reported").get("tags")
-    if isinstance(tags, list):
-        return tuple(sorted(t for t in tags if isinstance(t, str)))
-    return ()
+    """The valid tags of the device's latest reported state."""
+    return reported_tags(_message(entry, "reported").get("tags"))
+
+
+def _member(device: str, tags: Sequence[str], member: str) -> bool:
+    if member.startswith(TAG_PREFIX):
+        return member[len(TAG_PREFIX) :] in tags
+    if PATTERN_CHARS & set(member):
+        return fnmatch.fnmatchcase(device, member)
+    return device == member
 
 
 def resolve_group(
@@ -60,36 +70,36 @@ def resolve_group(
     known: Mapping[str, Mapping[str, Any]],
 ) -> list[str]:
     """The group's devices, sorted: declared ids, pattern matches among ``known``
-    devices, or (``tag:<t>``) the known devices reporting tag ``t``.
+    devices, and (``tag:<t>`` members) the known devices reporting tag ``t``; a
+    group named ``tag:<t>`` is that tag's devices, declared or not.
 
     Raises KeyError for a group that is neither declared nor a tag group.
     """
-    if name.startswith("tag:"):
-        tag = name[4:]
-        return sorted(d for d, entry in known.items() if tag in device_tags(entry))
-    if name not in groups:
+    members: Sequence[str]
+    if name in groups:
+        members = groups[name]
+    elif name.startswith(TAG_PREFIX):
+        members = (name,)
+    else:
         raise KeyError(name)
-    found: set[str] = set()
-    for member in groups[name]:
-        if PATTERN_CHARS & set(member):
-            found.update(fnmatch.filter(known, member))
-        else:
-            found.add(member)
+    found = {m for m in members if not m.startswith(TAG_PREFIX) and not PATTERN_CHARS & set(m)}
+    if any(m.startswith(TAG_PREFIX) or PATTERN_CHARS & set(m) for m in members):
+        for device, entry in known.items():
+            tags = device_tags(entry)
+            if any(_member(device, tags, m) for m in members):
+                found.add(device)
     return sorted(found)
 
 
 def groups_of(
     device: str, entry: Mapping[str, Any], groups: Mapping[str, Sequence[str]]
 ) -> list[str]:
+    tags = device_tags(entry)
     names = [
-        name
-        for name, members in groups.items()
-        if any(
-            fnmatch.fnmatchcase(device, m) if PATTERN_CHARS & set(m) else device == m
-            for m in members
-        )
+        name for name, members in groups.items() if any(_member(device, tags, m) for m in members)
     ]
-    return sorted(names) + [f"tag:{t}" for t in device_tags(entry)]
+    # Declared group names cannot contain ':', so the tag groups never collide.
+    return sorted(names) + [f"{TAG_PREFIX}{t}" for t in tags]
 
 
 # --------------------------------------------------------------------------- rows
@@ -118,6 +128,7 @@ class DeviceRow:
     models: dict[str, list[ModelHealth]] = field(default_factory=dict)
     drift: dict[str, str] = field(default_factory=dict)  # "model:version" -> status
     groups: list[str] = field(default_factory=list)
+    tags: tuple[str, ...] = ()  # from the latest reported state
 
     @property
     def drift_flags(self) -> list[str]:
@@ -164,6 +175,7 @@ class DeviceRow:
             "drift": dict(sorted(self.drift.items())),
             "drift_flags": self.drift_flags,
             "groups": self.groups,
+            "tags": list(self.tags),
         }
 
 
@@ -246,6 +258,7 @@ def device_row(
         models=model_health,
         drift=drift,
         groups=groups_of(device, entry, groups or {}),
+        tags=device_tags(entry),
     )
 
 
@@ -326,7 +339,7 @@ def _health(row: DeviceRow) -> str:
     return " ".join(parts) or "-"
 
 
-COLUMNS: Final = ("DEVICE", "STATE", "ACTIVE", "JOB", "HEALTH", "DRIFT")
+COLUMNS: Final = ("DEVICE", "STATE", "ACTIVE", "JOB", "HEALTH", "DRIFT", "TAGS")
 
 
 def table_lines(rows: Sequence[DeviceRow], now: float | None = None) -> list[str]:
@@ -340,6 +353,7 @@ def table_lines(rows: Sequence[DeviceRow], now: float | None = None) -> list[str
             _job(row),
             _health(row),
             ",".join(row.drift_flags) or "-",
+            ",".join(row.tags) or "-",
         )
         for row in rows
     ]

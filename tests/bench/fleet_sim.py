@@ -22,6 +22,7 @@ Many devices run in one process (one asyncio loop, one paho thread each);
 
 Prints JSON lines on stdout: ``{"event": "ready", ...}`` once every device is
 connected and subscribed, then one ``{"event": "job", ...}`` per job step.
+``--tag DEVICE=TAG`` (repeatable) makes DEVICE report TAG in its ``tags``.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,9 @@ class SimOptions:
     window: int = 4
     chunk_timeout_s: float = 10.0
     keep_files: bool = False
+    # Device -> the tags it reports (the agent's fleet.tags); sent as given, so a
+    # test can also make a device report tags the controller must ignore.
+    tags: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
 class SimDevice:
@@ -167,6 +171,7 @@ class SimDevice:
                 },
                 "job": job,
                 "highest_sequence": self.highest_sequence,
+                "tags": list(self.options.tags.get(self.device, ())),
             },
             separators=(",", ":"),
         ).encode()
@@ -452,6 +457,7 @@ class SimFleet:
                 str(options.chunk_timeout_s),
                 *[a for v in sorted(options.bad_versions) for a in ("--bad-version", str(v))],
                 *[a for v in sorted(options.fail_versions) for a in ("--fail-version", str(v))],
+                *[a for d in part for t in options.tags.get(d, ()) for a in ("--tag", f"{d}={t}")],
                 *extra,
             ]
             proc = subprocess.Popen(
@@ -556,7 +562,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-bytes", type=int, default=256 * 1024)
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--chunk-timeout", type=float, default=10.0)
+    parser.add_argument(
+        "--tag", action="append", default=[], metavar="DEVICE=TAG", help="a tag DEVICE reports"
+    )
     args = parser.parse_args(argv)
+    tags: dict[str, list[str]] = {}
+    for item in args.tag:
+        device, _, tag = item.partition("=")
+        tags.setdefault(device, []).append(tag)
     raise_fd_limit(65536)
     options = SimOptions(
         host=args.host,
@@ -574,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         chunk_bytes=args.chunk_bytes,
         window=args.window,
         chunk_timeout_s=args.chunk_timeout,
+        tags=tags,
     )
     asyncio.run(run_devices(args.devices.split(","), options))
     return 0
