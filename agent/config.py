@@ -16,6 +16,7 @@ from typing import Any
 import jsonschema
 
 from agent.errors import ConfigError
+from agent.fleet.tags import MAX_TAGS, TAG_PATTERN, is_tag
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 MIB = 1024 * 1024
@@ -98,6 +99,8 @@ DEFAULTS: dict[str, Any] = {
         # Version directories a model keeps after a successful update: the active one
         # and the keep_versions - 1 highest below it (2: the previous one stays).
         "keep_versions": 2,
+        # Labels this device reports (reported state "tags") for controllers to group by.
+        "tags": [],
     },
     "telemetry": {
         "health_interval_s": 30.0,  # edge.health messages
@@ -237,6 +240,12 @@ _SCHEMA: dict[str, Any] = {
                 "probation_min_requests": {"type": "integer", "minimum": 1},
                 "max_start_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
                 "keep_versions": {"type": "integer", "minimum": 1},
+                "tags": {
+                    "type": "array",
+                    "maxItems": MAX_TAGS,
+                    "uniqueItems": True,
+                    "items": {"type": "string", "pattern": TAG_PATTERN},
+                },
             },
         },
         "telemetry": {
@@ -344,6 +353,15 @@ class FleetConfig:
     probation_min_requests: int
     max_start_attempts: int
     keep_versions: int
+    tags: tuple[str, ...] = ()
+
+
+def _fleet_config(values: Mapping[str, Any], source: str) -> FleetConfig:
+    # The schema's pattern lets a trailing newline through ($ in Python's re).
+    bad = [t for t in values["tags"] if not is_tag(t)]
+    if bad:
+        raise ConfigError(f"{source}: key 'fleet.tags': {bad[0]!r} is not a tag")
+    return FleetConfig(**{**values, "tags": tuple(values["tags"])})
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,7 +393,7 @@ class AgentConfig:
     state: StateConfig
     logging: LoggingConfig
     mqtt: MqttConfig = field(default_factory=lambda: _mqtt_config(DEFAULTS["mqtt"], ""))
-    fleet: FleetConfig = field(default_factory=lambda: FleetConfig(**DEFAULTS["fleet"]))
+    fleet: FleetConfig = field(default_factory=lambda: _fleet_config(DEFAULTS["fleet"], ""))
     telemetry: TelemetryConfig = field(
         default_factory=lambda: _telemetry_config(DEFAULTS["telemetry"], "")
     )
@@ -449,7 +467,7 @@ def build_config(overrides: Mapping[str, Any], source: str = "<defaults>") -> Ag
         ),
         state=StateConfig(**merged["state"]),
         mqtt=_mqtt_config(merged["mqtt"], source),
-        fleet=FleetConfig(**merged["fleet"]),
+        fleet=_fleet_config(merged["fleet"], source),
         telemetry=_telemetry_config(merged["telemetry"], source),
         logging=LoggingConfig(**merged["logging"]),
         source=source,

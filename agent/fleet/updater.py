@@ -137,6 +137,7 @@ class UpdaterSettings:
     probation_min_requests: int
     max_start_attempts: int
     keep_versions: int
+    tags: tuple[str, ...] = ()  # reported for the controllers' tag:<tag> groups
 
     @classmethod
     def from_config(cls, config: AgentConfig) -> UpdaterSettings:
@@ -167,6 +168,7 @@ class UpdaterSettings:
             probation_min_requests=fleet.probation_min_requests,
             max_start_attempts=fleet.max_start_attempts,
             keep_versions=fleet.keep_versions,
+            tags=fleet.tags,
         )
 
 
@@ -1085,6 +1087,7 @@ class Updater:
                 "reason_code": job.reason_code,
             },
             "highest_sequence": self.state.highest_sequence,
+            "tags": list(self.settings.tags),
         }
 
     async def _publish(self, topic: str, message: dict[str, Any], retain: bool = False) -> None:
