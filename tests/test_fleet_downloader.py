@@ -350,3 +350,43 @@ def test_timeouts_halve_the_window_once_per_round_trip_and_answers_regrow_it(
     assert max(after[:4]) == 4  # halved once (8 -> 4), not down to 1
     assert downloader.window.limit == 8  # 22 answers later it is whole again
     assert max(after) == 8
+
+
+@pytest.mark.parametrize("corrupt_at", [None, 0, 9_000_000])
+def test_files_are_hashed_while_they_arrive_and_corruption_is_still_caught(
+    tmp_path: Path, corrupt_at: int | None
+) -> None:
+    """Out-of-order answers: the contiguous prefix is hashed during the transfer, and a
+    wrong byte anywhere (in the part hashed early, or the tail) fails the digest check."""
+    data = os.urandom(12 * 1024 * 1024)
+    f = artifact("model.onnx", data)
+
+    class Reordering(MemoryFetcher):
+        async def fetch(self, sha256: str, offset: int, length: int) -> bytes:
+            # Every fourth chunk answers late: the prefix grows in bursts.
+            await asyncio.sleep(0.02 if (offset // length) % 4 == 0 else 0.001)
+            return await super().fetch(sha256, offset, length)
+
+    fetcher = Reordering({f.sha256: data})
+
+    def corrupt(sha: str, offset: int, length: int, chunk: bytes) -> bytes:
+        if corrupt_at is not None and offset <= corrupt_at < offset + length:
+            flipped = bytearray(chunk)
+            flipped[corrupt_at - offset] ^= 0xFF
+            return bytes(flipped)
+        return chunk
+
+    fetcher.hook = corrupt
+    settings = DownloadSettings(chunk_bytes=256 * 1024, window=8, retries=0)
+    downloader = Downloader(tmp_path / "dl", fetcher, settings)
+    target = tmp_path / "out" / "model.onnx"
+    if corrupt_at is None:
+        run(downloader.download([(f, target)]))
+        assert target.read_bytes() == data
+    else:
+        with pytest.raises(DigestMismatchError):
+            run(downloader.download([(f, target)]))
+        assert not target.exists()
+        assert list((tmp_path / "dl").iterdir()) == []
+    # Most of the file was hashed before the last chunk arrived.
+    assert downloader.hashed_in_transfer >= 4 * 1024 * 1024

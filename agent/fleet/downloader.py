@@ -118,6 +118,10 @@ class RangeSet:
     def total(self) -> int:
         return sum(b - a for a, b in self._ranges)
 
+    def prefix(self) -> int:
+        """Where the range starting at 0 ends (0 if byte 0 is missing)."""
+        return self._ranges[0][1] if self._ranges and self._ranges[0][0] == 0 else 0
+
     def covers(self, start: int, end: int) -> bool:
         return any(a <= start and end <= b for a, b in self._ranges)
 
@@ -159,6 +163,10 @@ class PartialFile:
         self._fd = -1
         self._last_checkpoint = time.monotonic()
         self._checkpointing: asyncio.Lock | None = None
+        # SHA-256 of bytes [0, hashed), extended while the download runs (hash_along)
+        # so that finishing only hashes the tail instead of re-reading the whole file.
+        self._digest = hashlib.sha256()
+        self.hashed = 0
 
     def open(self) -> None:
         size = self.artifact.size
@@ -238,13 +246,22 @@ class PartialFile:
             await asyncio.to_thread(write_atomically, self.ranges_path, data)
             self.durable = snapshot
 
+    def hash_prefix(self, upto: int) -> None:
+        """Blocking: extend the running SHA-256 over ``[hashed, upto)``, bytes already written.
+
+        Only one caller at a time (the download's hash_along task, then ``finish``).
+        """
+        while self.hashed < upto:
+            block = os.pread(self._fd, min(HASH_BLOCK, upto - self.hashed), self.hashed)
+            if not block:
+                raise OSError(f"{self.part} is shorter than the bytes written to it")
+            self._digest.update(block)
+            self.hashed += len(block)  # per block: digest and position always agree
+
     def finish(self, destinations: Sequence[Path]) -> None:
-        """Blocking: hash, fsync, move to the first destination, copy to the others."""
-        digest = hashlib.sha256()
-        with open(self._fd, "rb", buffering=0, closefd=False) as handle:
-            handle.seek(0)
-            while block := handle.read(HASH_BLOCK):
-                digest.update(block)
+        """Blocking: hash (the rest), fsync, move to the first destination, copy to the others."""
+        self.hash_prefix(self.artifact.size)
+        digest = self._digest
         if digest.hexdigest() != self.artifact.sha256:
             self.discard()
             raise DigestMismatchError(
@@ -496,6 +513,7 @@ class Downloader:
         self.settings = settings
         self.on_progress = on_progress
         self.requests = 0  # chunk requests sent (for tests and benchmarks)
+        self.hashed_in_transfer = 0  # bytes hashed while the transfer still ran
         self.window = AdaptiveWindow(settings.window)
 
     async def download(self, targets: Sequence[tuple[DeploymentFile, Path]]) -> None:
@@ -530,6 +548,7 @@ class Downloader:
         try:
             self._progress(done_bytes + sum(p.written.total() for p in partials), total)
             await self._fetch_all(partials, done_bytes, total)
+            self.hashed_in_transfer = sum(p.hashed for p in partials)
             for partial in partials:
                 dests = [d for _, d in by_sha[partial.artifact.sha256]]
                 try:
@@ -558,6 +577,7 @@ class Downloader:
                 data = await self._fetch_with_retries(partial.artifact, offset, length)
                 try:
                     partial.write(offset, data)
+                    hashing.wake()
                     await partial.checkpoint()
                 except OSError as exc:
                     raise StorageError(f"cannot write {partial.part}: {exc.strerror}") from exc
@@ -565,9 +585,11 @@ class Downloader:
 
         self.window = AdaptiveWindow(min(self.settings.window, len(queue)))
         workers = [asyncio.create_task(worker()) for _ in range(self.window.size)]
+        hashing = _HashAlong(partials)
         try:
             await _gather_or_fail(workers)
         finally:
+            await hashing.stop()
             for partial in partials:
                 with contextlib.suppress(OSError):
                     await asyncio.shield(partial.checkpoint(force=True))
@@ -606,6 +628,46 @@ class Downloader:
                            "reason": str(exc)},
                 )
                 await asyncio.sleep(min(self.settings.retry_backoff_s * failures, 2.0))
+
+
+class _HashAlong:
+    """Hashes each file's contiguous prefix on a background thread while chunks arrive.
+
+    Chunks come roughly in order, so most of a file is hashed before its last
+    chunk lands and the check at the end reads only the tail: the transfer and
+    the hash overlap instead of following each other.
+    """
+
+    STEP: Final = 4 * HASH_BLOCK  # hash when at least this much new prefix is written
+
+    def __init__(self, partials: Sequence[PartialFile]) -> None:
+        self._partials = partials
+        self._grew = asyncio.Event()
+        self._stopping = False
+        self._task = asyncio.create_task(self._run())
+
+    def wake(self) -> None:
+        self._grew.set()
+
+    async def stop(self) -> None:
+        # Not cancelled: a hash_prefix call running on its thread must end before
+        # anyone else (finish) touches the digest.
+        self._stopping = True
+        self._grew.set()
+        with contextlib.suppress(OSError):
+            await self._task
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            await self._grew.wait()
+            self._grew.clear()
+            for partial in self._partials:
+                end = partial.written.prefix()
+                if self._stopping:
+                    return
+                done = end == partial.artifact.size > partial.hashed
+                if done or end - partial.hashed >= self.STEP:
+                    await run_in_background(partial.hash_prefix, end, name="fleet-hash")
 
 
 def _present(paths: Sequence[Path], artifact: DeploymentFile) -> list[bool]:
