@@ -392,7 +392,10 @@ def repository_problems(repository: Path, verify: Callable[[Path], Any]) -> list
             try:
                 verify(entry)
             except Exception as exc:
-                problems.append(f"{entry}: {exc}")
+                # The agent may remove an old version (one atomic rename) while this
+                # check reads it: gone is fine, only a partial directory is not.
+                if entry.exists():
+                    problems.append(f"{entry}: {exc}")
     return problems
 
 
