@@ -9,7 +9,8 @@ Two schedulers share one worker function:
   precision, not on the event loop's millisecond timers) until a preferred batch
   size is queued or the oldest has waited ``max_queue_delay_microseconds``,
   takes as many as fit in ``max_batch_size``, concatenates, runs once and splits
-  the outputs back per request.
+  the outputs back per request. Waits that keep gathering nobody stop until
+  requests queue up together again (``_worth_waiting``).
 
 Requests whose client deadline has passed are never run. onnxruntime, array
 concatenation and output serialisation all happen on worker threads.
@@ -364,6 +365,10 @@ class DirectScheduler(Scheduler):
             future.set_exception(exc)
 
 
+FRUITLESS_WAITS = 4
+PROBE_EVERY = 128
+
+
 @dataclass(slots=True)
 class _Pending:
     decoded: DecodedRequest
@@ -398,6 +403,8 @@ class DynamicBatcher(Scheduler):
         preferred = spec.batching.preferred_batch_sizes
         self._target = max(preferred) if preferred else spec.max_batch_size
         self._delay_ns = spec.batching.max_queue_delay_us * 1000
+        self._fruitless = 0  # waits in a row that gathered no other request
+        self._skipped = 0  # picks that did not wait since the last probe
         self._default_timeout_s = spec.default_timeout_us / 1e6
 
     def queued(self) -> int:
@@ -469,14 +476,18 @@ class DynamicBatcher(Scheduler):
                 if self._closed:
                     return None
                 cond.wait()
-            # The oldest request waits at most the queue delay for a preferred batch.
-            while self._queued_batch < self._target and not self._closed:
-                left_ns = queue[0].enqueued_ns + self._delay_ns - _perf_ns()
-                if left_ns <= 0:
-                    break
-                cond.wait(left_ns / 1e9)
-                if not queue:  # another worker took them
-                    return []
+            # The oldest request waits at most the queue delay for a preferred batch,
+            # unless waiting has been gathering nothing (see _worth_waiting).
+            if self._queued_batch < self._target and self._delay_ns and self._worth_waiting():
+                queued_before = len(queue)
+                while self._queued_batch < self._target and not self._closed:
+                    left_ns = queue[0].enqueued_ns + self._delay_ns - _perf_ns()
+                    if left_ns <= 0:
+                        break
+                    cond.wait(left_ns / 1e9)
+                    if not queue:  # another worker took them
+                        return []
+                self._fruitless = 0 if len(queue) > queued_before else self._fruitless + 1
             if self._closed:
                 abandoned = list(queue)
                 queue.clear()
@@ -485,6 +496,25 @@ class DynamicBatcher(Scheduler):
                     self.workers.post(partial(self._fail, p), None, AgentError("worker cancelled"))
                 return None
             return self._take()
+
+    def _worth_waiting(self) -> bool:
+        """Whether to hold the oldest request back for company (under ``_cond``'s lock).
+
+        max_queue_delay is an upper bound: a lone client (say one request at a
+        time) would pay all of it on every request and gain nothing. After
+        ``FRUITLESS_WAITS`` waits in a row that gathered no other request, requests
+        run at once; a queue holding more than one request at pick time (load is
+        back) restores waiting, and every ``PROBE_EVERY``-th pick waits anyway.
+        """
+        if len(self._queue) > 1:
+            self._fruitless = 0
+        if self._fruitless < FRUITLESS_WAITS:
+            return True
+        self._skipped += 1
+        if self._skipped >= PROBE_EVERY:
+            self._skipped = 0
+            return True
+        return False
 
     def _take(self) -> list[_Pending]:
         # Under _cond's lock. A request's future is only read here (done() is a

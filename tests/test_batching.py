@@ -43,6 +43,17 @@ dynamic_batching {
 }
 """
 
+LONE_CLIENT_DELAY_US = 200_000  # far above any request's own time here
+LONE_CLIENT_CONFIG = f"""
+name: "lonely"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+dynamic_batching {{
+  max_queue_delay_microseconds: {LONE_CLIENT_DELAY_US}
+  preferred_batch_size: [ 8 ]
+}}
+"""
+
 SLOW_SERIAL_CONFIG = """
 name: "slow_serial"
 max_batch_size: 0
@@ -120,6 +131,7 @@ def agent(
         tmp_path_factory.mktemp("batching"),
         {
             "rowwise": (row_wise_model(), ROW_WISE_CONFIG),
+            "lonely": (row_wise_model(), LONE_CLIENT_CONFIG),
             "slow_serial": (slow.onnx_bytes, SLOW_SERIAL_CONFIG),
             "slow_parallel": (slow.onnx_bytes, SLOW_PARALLEL_CONFIG),
             "deadline_serial": (very_slow.onnx_bytes, DEADLINE_SERIAL_CONFIG),
@@ -165,6 +177,7 @@ class Stats:
     fail: int
     compute_infer_ns: int
     batch_executions: dict[int, int]  # batch size -> onnxruntime runs
+    queue_ns: int = 0
 
 
 def stats(agent: AgentProcess, model: str) -> Stats:
@@ -181,6 +194,7 @@ def stats(agent: AgentProcess, model: str) -> Stats:
         fail=s.inference_stats.fail.count,
         compute_infer_ns=s.inference_stats.compute_infer.ns,
         batch_executions={b.batch_size: b.compute_infer.count for b in s.batch_stats},
+        queue_ns=s.inference_stats.queue.ns,
     )
 
 
@@ -281,6 +295,65 @@ def test_concurrent_requests_are_batched_and_split_back_exactly(agent: AgentProc
     assert max(merged) > 3, f"batch sizes run: {merged}"  # larger than any single request
     assert max(merged) <= 8  # never above max_batch_size
     assert sum(size * n for size, n in merged.items()) == samples
+
+
+def test_a_lone_client_stops_paying_the_queue_delay_and_load_brings_batching_back(
+    agent: AgentProcess,
+) -> None:
+    """max_queue_delay is an upper bound: once waits gather nobody, requests run at once."""
+
+    def one(client: grpcclient.InferenceServerClient, i: int) -> None:
+        x = np.full((1, 4), i, np.float32)
+        k = np.zeros((1, 2), np.int64)
+        tag = np.array([[b"t"]], dtype=np.object_)
+        result = client.infer(
+            "lonely",
+            [tensor("x", x, "FP32"), tensor("k", k, "INT64"), tensor("tag", tag, "BYTES")],
+            client_timeout=CALL_TIMEOUT_S,
+        )
+        assert result.as_numpy("y").shape == (1, 4)
+
+    before = stats(agent, "lonely")
+    client = grpcclient.InferenceServerClient(agent.address)
+    try:
+        for i in range(30):  # one at a time: nothing can ever join a batch
+            one(client, i)
+    finally:
+        client.close()
+    after = stats(agent, "lonely")
+    queued_s = (after.queue_ns - before.queue_ns) / 1e9
+    # Every request waiting the whole delay would queue 30 x 0.2 s = 6 s; the
+    # first few waits (scheduler.FRUITLESS_WAITS) are all it pays.
+    assert queued_s < 10 * LONE_CLIENT_DELAY_US / 1e6, f"{queued_s:.2f} s queued"
+
+    async def burst() -> None:
+        aio = aioclient.InferenceServerClient(agent.address)
+        try:
+            x = np.ones((1, 4), np.float32)
+            k = np.zeros((1, 2), np.int64)
+            tag = np.array([[b"t"]], dtype=np.object_)
+            await asyncio.gather(
+                *(
+                    aio.infer(
+                        "lonely",
+                        [tensor("x", x, "FP32"), tensor("k", k, "INT64"),
+                         tensor("tag", tag, "BYTES")],
+                        client_timeout=CALL_TIMEOUT_S,
+                    )
+                    for _ in range(40)
+                )
+            )
+        finally:
+            await aio.close()
+
+    asyncio.run(burst())
+    final = stats(agent, "lonely")
+    grew = {
+        size: n - after.batch_executions.get(size, 0)
+        for size, n in final.batch_executions.items()
+        if n - after.batch_executions.get(size, 0) > 0
+    }
+    assert max(grew) > 1, f"batch sizes run under load: {grew}"
 
 
 # -- bounded queues --------------------------------------------------------------
