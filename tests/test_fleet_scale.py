@@ -42,6 +42,22 @@ class ScaleFleet:
     store: Path
     deploy_public: Path
 
+    def sim_options(self, **overrides: Any) -> SimOptions:
+        """Simulated devices on this fleet's broker, trusting its keys."""
+        values: dict[str, Any] = {
+            "host": self.broker.host,
+            "port": self.broker.port,
+            "prefix": "edge",
+            "state_dir": self.tmp / "sim-state",
+            "deploy_trust": self.deploy_public,
+            "model_trust": self.signing.trust_dir,
+            "initial_version": 1,
+            "model": MODEL,
+            "health_interval_s": 0.3,
+            "max_probation_s": 0.2,
+        }
+        return SimOptions(**(values | overrides))
+
 
 def _publish(fleet: ScaleFleet, version: int, size: int) -> None:
     version_dir = make_signed_version(
@@ -133,19 +149,7 @@ def _records(store: Path, version: int) -> list[dict[str, Any]]:
 def test_staged_rollouts_across_100_devices_and_two_controllers(scale_fleet: ScaleFleet) -> None:
     fleet = scale_fleet
     names = device_names(DEVICES)
-    options = SimOptions(
-        host=fleet.broker.host,
-        port=fleet.broker.port,
-        prefix="edge",
-        state_dir=fleet.tmp / "sim-state",
-        deploy_trust=fleet.deploy_public,
-        model_trust=fleet.signing.trust_dir,
-        initial_version=1,
-        model=MODEL,
-        bad_versions=frozenset({3}),
-        health_interval_s=0.3,
-        max_probation_s=0.3,
-    )
+    options = fleet.sim_options(bad_versions=frozenset({3}), max_probation_s=0.3)
     second = controller_toml(
         fleet.tmp / "controller-2.toml",
         fleet.broker,
@@ -240,18 +244,7 @@ def test_serve_drives_a_detached_rollout_through_pause_and_resume(
 ) -> None:
     fleet = scale_fleet
     names = device_names(20)
-    options = SimOptions(
-        host=fleet.broker.host,
-        port=fleet.broker.port,
-        prefix="edge",
-        state_dir=fleet.tmp / "sim-state",
-        deploy_trust=fleet.deploy_public,
-        model_trust=fleet.signing.trust_dir,
-        initial_version=1,
-        model=MODEL,
-        health_interval_s=0.3,
-        max_probation_s=0.2,
-    )
+    options = fleet.sim_options()
     with SimFleet(names, 1, options) as sim, ControllerProcess(fleet.config) as controller:
         sim.wait_ready(60)
         controller.wait_serving()
@@ -316,18 +309,7 @@ def test_a_second_controller_takes_over_when_the_lease_holder_is_killed(
     fleet = scale_fleet
     ttl = 4.0
     names = device_names(12)
-    options = SimOptions(
-        host=fleet.broker.host,
-        port=fleet.broker.port,
-        prefix="edge",
-        state_dir=fleet.tmp / "sim-state",
-        deploy_trust=fleet.deploy_public,
-        model_trust=fleet.signing.trust_dir,
-        initial_version=1,
-        model=MODEL,
-        health_interval_s=0.3,
-        max_probation_s=0.2,
-    )
+    options = fleet.sim_options()
     second = controller_toml(
         fleet.tmp / "controller-2.toml",
         fleet.broker,
@@ -456,19 +438,7 @@ def test_rollout_thresholds_from_the_config_judge_real_waves(scale_fleet: ScaleF
         "rollback_on_halt = true",
     )
     names = device_names(10)
-    options = SimOptions(
-        host=fleet.broker.host,
-        port=fleet.broker.port,
-        prefix="edge",
-        state_dir=fleet.tmp / "sim-state",
-        deploy_trust=fleet.deploy_public,
-        model_trust=fleet.signing.trust_dir,
-        initial_version=2,
-        model=MODEL,
-        bad_versions=frozenset({3, 4}),
-        health_interval_s=0.3,
-        max_probation_s=0.2,
-    )
+    options = fleet.sim_options(initial_version=2, bad_versions=frozenset({3, 4}))
     with SimFleet(names, 1, options) as sim, ControllerProcess(fleet.config) as controller:
         sim.wait_ready(60)
         controller.wait_serving()
@@ -510,19 +480,7 @@ def test_groups_from_reported_tags(scale_fleet: ScaleFleet) -> None:
     }
     with fleet.config.open("a") as handle:  # into the fixture's [groups], the last section
         handle.write('line3 = ["tag:line-3", "sim-0007"]\n')
-    options = SimOptions(
-        host=fleet.broker.host,
-        port=fleet.broker.port,
-        prefix="edge",
-        state_dir=fleet.tmp / "sim-state",
-        deploy_trust=fleet.deploy_public,
-        model_trust=fleet.signing.trust_dir,
-        initial_version=1,
-        model=MODEL,
-        health_interval_s=0.5,
-        max_probation_s=0.2,
-        tags=tags,
-    )
+    options = fleet.sim_options(health_interval_s=0.5, tags=tags)
     with SimFleet(names, 1, options) as sim, ControllerProcess(fleet.config) as controller:
         sim.wait_ready(60)
         controller.wait_serving()
