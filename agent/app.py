@@ -26,7 +26,7 @@ from agent.errors import AgentError, ConfigError
 from agent.grpc_server import HealthReporter, TlsFiles, build_server
 from agent.logs import configure_logging
 from agent.model_manager import UNAVAILABLE, LoadSettings, ModelManager, ModelReader
-from agent.onnx_runtime import SessionOptions
+from agent.onnx_runtime import SessionOptions, share_thread_pools
 from agent.state_store import StateStore
 from agent.systemd import Notifier
 from agent.telemetry.publisher import TelemetryService
@@ -131,6 +131,9 @@ class Agent:
         # Run on SIGTERM after the drain, in order (add_stop_hook).
         self.stop_hooks: list[StopHook] = []
         self.bound: list[str] = []
+        # Before anything else touches onnxruntime: its thread pools, made once at
+        # normal priority, so that sessions can be created at a low one.
+        share_thread_pools(config.runtime.intra_op_threads, config.runtime.inter_op_threads)
         settings = LoadSettings(
             session=SessionOptions(
                 intra_op_threads=config.runtime.intra_op_threads,

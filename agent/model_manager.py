@@ -24,7 +24,7 @@ from pathlib import Path
 from agent.background import call_in_background
 from agent.errors import AgentError, ModelNotFoundError, ModelNotReadyError
 from agent.model_config import ModelSpec, complete_config, model_spec, parse_config_pbtxt
-from agent.onnx_runtime import OnnxSession, SessionOptions, zero_inputs
+from agent.onnx_runtime import OnnxSession, SessionOptions, starts_no_threads, zero_inputs
 from agent.repository import (
     RepositoryModel,
     check_model_name,
@@ -116,10 +116,15 @@ def _load_blocking(
     filename = declared.default_model_filename or "model.onnx"
     fingerprint = _fingerprint(version_dir, model.config_text)
     # Reading and verifying (hashing every file) at a low priority, on a thread of
-    # its own; the session is created here, at normal priority: onnxruntime's
-    # thread pool threads inherit their creator's priority and serve requests.
+    # its own. The session too, unless creating it starts onnxruntime pool threads:
+    # those inherit their creator's priority and serve requests.
     model_bytes = call_in_background(reader, version_dir, filename, name="model-verify")
-    session = OnnxSession(model_bytes, settings.session)
+    if starts_no_threads(settings.session):
+        session = call_in_background(
+            OnnxSession, model_bytes, settings.session, name="model-load"
+        )
+    else:
+        session = OnnxSession(model_bytes, settings.session)
     if warm_up:
         _warm_up(session, model.name, version)
     config = complete_config(
@@ -344,13 +349,19 @@ class ModelManager:
             self._latest.pop(name, None)
 
     def _retire(self, model: ServingModel) -> None:
-        task = asyncio.get_running_loop().create_task(model.scheduler.drain(timeout=None))
+        task = asyncio.get_running_loop().create_task(self._drain_and_free(model))
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
         log.info(
             "model version retired",
             extra={"model": model.spec.name, "version": model.spec.version},
         )
+
+    @staticmethod
+    async def _drain_and_free(model: ServingModel) -> bool:
+        drained = await model.scheduler.drain(timeout=None)
+        await asyncio.to_thread(model.scheduler.session.close)  # its memory, off the loop
+        return drained
 
     async def close(self, timeout: float) -> None:
         """Drain every version (used on shutdown)."""

@@ -101,7 +101,51 @@ class SessionOptions:
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
 
+# The (intra, inter) sizes of the process-wide pools, once share_thread_pools() made them.
+_shared_pools: tuple[int, int] | None = None
+_environment_created = False
+
+
+def share_thread_pools(intra_op_threads: int, inter_op_threads: int) -> bool:
+    """Give sessions with these thread counts one process-wide pair of pools, made now.
+
+    onnxruntime's pool threads take the priority of the thread that creates
+    them. With a pool per session, a session created on a low-priority thread
+    (as an update would like, so that loading does not compete with serving)
+    would then serve at low priority. Pools made once, here, at start-up and at
+    normal priority, let every later session be created at any priority without
+    starting threads of its own; models also stop each having a pool of their own.
+
+    Call before anything else touches onnxruntime (the pools are part of its
+    environment, made once per process). From then on every session of the
+    process runs on these pools (onnxruntime allows no pool of its own beside
+    them), whatever thread counts its options ask for. Returns False if it is
+    too late (sessions keep pools of their own, as before), or if pools of other
+    sizes were made already.
+    """
+    global _shared_pools, _environment_created
+    sizes = (intra_op_threads, inter_op_threads)
+    if _shared_pools is not None:
+        return _shared_pools == sizes
+    if _environment_created:
+        return False
+    ort.capi._pybind_state.set_global_thread_pool_sizes(*sizes)
+    ort.get_available_providers()  # creates the environment and its pools on this thread
+    _shared_pools = sizes
+    _environment_created = True
+    return True
+
+
+def starts_no_threads(options: SessionOptions) -> bool:
+    """Whether a session with ``options`` runs only on its callers' threads and shared
+    pools, so the thread creating it can have any priority."""
+    single = options.intra_op_threads == 1 and options.inter_op_threads <= 1
+    return _shared_pools is not None or single
+
+
 def available_providers() -> list[str]:
+    global _environment_created
+    _environment_created = True
     return list(ort.get_available_providers())
 
 
@@ -149,8 +193,11 @@ class OnnxSession:
                 f"(available: {', '.join(available_providers())})"
             )
         so = ort.SessionOptions()
-        so.intra_op_num_threads = options.intra_op_threads
-        so.inter_op_num_threads = options.inter_op_threads
+        if _shared_pools is not None:
+            so.use_per_session_threads = False
+        else:
+            so.intra_op_num_threads = options.intra_op_threads
+            so.inter_op_num_threads = options.inter_op_threads
         so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization]
         so.log_severity_level = 3  # errors only: warnings would flood journald
         try:
@@ -168,3 +215,17 @@ class OnnxSession:
         self, output_names: Sequence[str], feeds: dict[str, np.ndarray[Any, Any]]
     ) -> list[np.ndarray[Any, Any]]:
         return self._run(output_names, feeds)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Blocking: free the session now, on this thread (call it off the loop).
+
+        A large model's weights are hundreds of MB: handing them back to the
+        system takes milliseconds that the event loop, where the last reference
+        to a retired version would otherwise go, must not spend.
+        """
+        self._run = _closed_run
+        self._session = None
+
+
+def _closed_run(output_names: Sequence[str], feeds: dict[str, np.ndarray[Any, Any]]) -> Any:
+    raise RuntimeError("the onnxruntime session was closed (its model version was retired)")

@@ -739,9 +739,11 @@ class Updater:
         load = tuple(n for n in (model_file, VECTORS_FILE, SPEC_FILE) if n in names)
         contents = await self._verify_staged(deployment, load)
         model_bytes = contents.pop(model_file)
-        # A fresh session of its own, single-threaded (no thread pool to spin or to
-        # start) on a low-priority thread: validating a large model takes CPU the
-        # serving sessions need more. Same graph optimisation and providers.
+        # A fresh session of its own, created on a low-priority thread: validating a
+        # large model takes CPU the serving sessions need more. Single-threaded
+        # where sessions may have pools of their own; with the agent's shared pools
+        # (onnx_runtime.share_thread_pools) it runs on those, as every session must.
+        # Same graph optimisation and providers.
         options = replace(self.settings.session, intra_op_threads=1, inter_op_threads=1)
         try:
             result = await run_in_background(
