@@ -543,3 +543,42 @@ def test_groups_from_reported_tags(scale_fleet: ScaleFleet) -> None:
         )
         assert by_tag.returncode == 0, by_tag.stderr
         assert "to group tag:line-4: 2 devices" in by_tag.stdout, by_tag.stdout
+
+
+def test_an_overloaded_controller_slows_the_fleet_down_instead_of_failing_it(
+    scale_fleet: ScaleFleet,
+) -> None:
+    """The controller sends at most 1.5 MB/s; 12 devices ask for 8 x 64 KiB each at once
+    with a 2 s chunk timeout, so at first most requests could only be answered after
+    the device gave up. The controller sheds those, the devices shrink their windows,
+    and every device still gets the whole model (docs/fleet-protocol.md, Overload)."""
+    fleet = scale_fleet
+    rate = 1_500_000
+    limited = controller_toml(
+        fleet.tmp / "limited.toml",
+        fleet.broker,
+        fleet.store,
+        trust_dir=fleet.signing.trust_dir,
+        deploy_key=fleet.tmp / "deploy-keys" / "deployment.key.pem",
+        max_bytes_per_s=rate,
+    )
+    names = device_names(12)
+    options = fleet.sim_options(chunk_bytes=64 * 1024, window=8, chunk_timeout_s=2.0)
+    with SimFleet(names, 1, options) as sim, ControllerProcess(limited) as controller:
+        sim.wait_ready(60)
+        controller.wait_serving()
+        started = time.monotonic()
+        result = _deploy(fleet, 2, "--first", "100%", "--soak", "0", timeout=240)
+        elapsed = time.monotonic() - started
+        assert result.returncode == 0, result.stderr
+        latest = sim.latest_jobs()
+        assert {d: (e["version"], e["status"]) for d, e in latest.items()} == dict.fromkeys(
+            names, (2, "SUCCEEDED")
+        )
+        stopped = controller.stop()
+    assert stopped is not None
+    assert stopped["shed"] > 0, stopped  # it was overloaded: late requests were dropped
+    assert stopped["bytes"] >= len(names) * MODEL_BYTES
+    # Never faster than the limit allows (the limit held under overload).
+    assert elapsed >= (len(names) * MODEL_BYTES - 64 * 1024) / rate * 0.9, elapsed
+    print(f"overload: {elapsed:.1f}s, controller {stopped}")

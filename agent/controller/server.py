@@ -194,6 +194,12 @@ class RateLimiter:
         self.bytes_per_s = bytes_per_s
         self._next_free = 0.0
 
+    def delay(self) -> float:
+        """Seconds until an answer asked for now could go out."""
+        if self.bytes_per_s <= 0:
+            return 0.0
+        return max(self._next_free - time.monotonic(), 0.0)
+
     async def take(self, count: int) -> None:
         if self.bytes_per_s <= 0:
             return
@@ -268,7 +274,7 @@ class ChunkServer:
         correlation = message.correlation_data
         expiry_s: int | None = None
         if message.expiry_s is not None:
-            left = message.expiry_s - (time.monotonic() - message.received)
+            left = _time_left(message)
             if left < SHED_BELOW_S:
                 self.stats.shed += 1  # overload: answering late only adds to it
                 return
@@ -299,7 +305,16 @@ class ChunkServer:
                 expiry_s,
             )
             return
-        await self._rate.take(len(data))
+        if message.expiry_s is not None:
+            # With a send-rate limit the answer may have to wait its turn: not
+            # worth a slot of the limit if it would go out after the device gave up.
+            if _time_left(message) - self._rate.delay() < SHED_BELOW_S:
+                self.stats.shed += 1
+                return
+            await self._rate.take(len(data))
+            expiry_s = max(math.ceil(_time_left(message)), 1)
+        else:
+            await self._rate.take(len(data))
         await self._send(
             reply_to,
             data,
@@ -358,6 +373,12 @@ class ChunkServer:
         except MqttError as exc:
             # The device re-requests what times out; nothing else to do here.
             log.warning("chunk answer not delivered", extra={"topic": topic, "reason": str(exc)})
+
+
+def _time_left(message: Message) -> float:
+    """Seconds until the broker would have dropped ``message`` (it has an expiry)."""
+    assert message.expiry_s is not None
+    return message.expiry_s - (time.monotonic() - message.received)
 
 
 def stats_event(stats: ServeStats, started: float) -> dict[str, Any]:
