@@ -58,6 +58,17 @@ class ScaleFleet:
         }
         return SimOptions(**(values | overrides))
 
+    def another_controller(self, name: str, **settings: Any) -> Path:
+        """The config of one more controller on this fleet's broker and store."""
+        return controller_toml(
+            self.tmp / f"{name}.toml",
+            self.broker,
+            self.store,
+            trust_dir=self.signing.trust_dir,
+            deploy_key=self.tmp / "deploy-keys" / "deployment.key.pem",
+            **settings,
+        )
+
 
 def _publish(fleet: ScaleFleet, version: int, size: int) -> None:
     version_dir = make_signed_version(
@@ -150,13 +161,7 @@ def test_staged_rollouts_across_100_devices_and_two_controllers(scale_fleet: Sca
     fleet = scale_fleet
     names = device_names(DEVICES)
     options = fleet.sim_options(bad_versions=frozenset({3}), max_probation_s=0.3)
-    second = controller_toml(
-        fleet.tmp / "controller-2.toml",
-        fleet.broker,
-        fleet.store,
-        trust_dir=fleet.signing.trust_dir,
-        deploy_key=fleet.tmp / "deploy-keys" / "deployment.key.pem",
-    )
+    second = fleet.another_controller("controller-2")
     with SimFleet(names, 2, options) as sim:
         sim.wait_ready(60)
         controllers = [ControllerProcess(fleet.config), ControllerProcess(second)]
@@ -310,13 +315,7 @@ def test_a_second_controller_takes_over_when_the_lease_holder_is_killed(
     ttl = 4.0
     names = device_names(12)
     options = fleet.sim_options()
-    second = controller_toml(
-        fleet.tmp / "controller-2.toml",
-        fleet.broker,
-        fleet.store,
-        trust_dir=fleet.signing.trust_dir,
-        deploy_key=fleet.tmp / "deploy-keys" / "deployment.key.pem",
-    )
+    second = fleet.another_controller("controller-2")
     for config in (fleet.config, second):
         _add_section(config, f"[rollout]\nlease_ttl_s = {ttl}")
     book = RolloutBook(fleet.store)
@@ -554,14 +553,7 @@ def test_an_overloaded_controller_slows_the_fleet_down_instead_of_failing_it(
     and every device still gets the whole model (docs/fleet-protocol.md, Overload)."""
     fleet = scale_fleet
     rate = 1_500_000
-    limited = controller_toml(
-        fleet.tmp / "limited.toml",
-        fleet.broker,
-        fleet.store,
-        trust_dir=fleet.signing.trust_dir,
-        deploy_key=fleet.tmp / "deploy-keys" / "deployment.key.pem",
-        max_bytes_per_s=rate,
-    )
+    limited = fleet.another_controller("limited", max_bytes_per_s=rate)
     names = device_names(12)
     options = fleet.sim_options(chunk_bytes=64 * 1024, window=8, chunk_timeout_s=2.0)
     with SimFleet(names, 1, options) as sim, ControllerProcess(limited) as controller:
