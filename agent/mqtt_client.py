@@ -281,7 +281,9 @@ class MqttClient:
 
     def _disconnected(self, reason: str) -> None:
         if self.connected.is_set():
-            log.warning("mqtt disconnected", extra={"reason": reason})
+            # Our own stop() is no news; a lost connection is.
+            level = logging.WARNING if self._started else logging.INFO
+            log.log(level, "mqtt disconnected", extra={"reason": reason})
         self.connected.clear()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -42,3 +43,27 @@ def test_awaited_publish_after_mid_wraparound_still_waits_for_its_own_ack(
             await client.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_a_lost_connection_is_a_warning_and_our_own_stop_is_not(
+    mqtt_broker: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.mqtt")
+
+    async def scenario() -> None:
+        ours = MqttClient(device_settings(mqtt_broker, "dev-a"))
+        lost = MqttClient(device_settings(mqtt_broker, "dev-b"))
+        for client in (ours, lost):
+            await client.start()
+            await client.wait_connected(10)
+        await ours.stop()
+        mqtt_broker.stop()
+        for _ in range(200):  # bounded: 10 s
+            if not lost.connected.is_set():
+                break
+            await asyncio.sleep(0.05)
+        await lost.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    levels = sorted(r.levelno for r in caplog.records if r.getMessage() == "mqtt disconnected")
+    assert levels == [logging.INFO, logging.WARNING]
