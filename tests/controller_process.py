@@ -74,6 +74,16 @@ def run_controller(
     )
 
 
+def publish_version(
+    config: Path, version_dir: Path, model: str, version: int
+) -> subprocess.CompletedProcess[str]:
+    """``edge-controller publish`` of a signed version directory into the config's store."""
+    return run_controller(
+        ["publish", str(version_dir), "--model", model, "--version", str(version),
+         "--config", str(config)]
+    )
+
+
 class ControllerProcess(LoggedProcess):
     """``edge-controller serve`` as a child process."""
 

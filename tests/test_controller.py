@@ -29,7 +29,12 @@ from agent.fleet.deployment import DeviceContext, verify_deployment
 from agent.mqtt_client import Message, MqttClient
 from agent.signing.keys import TrustStore, load_public_key
 from agent.signing.oms import key_id, pae
-from tests.controller_process import ControllerProcess, controller_toml, run_controller
+from tests.controller_process import (
+    ControllerProcess,
+    controller_toml,
+    publish_version,
+    run_controller,
+)
 from tests.fleet_device import (
     DeviceClient,
     DownloadStats,
@@ -65,19 +70,7 @@ class Fleet:
 
 
 def _publish(fleet: Fleet, version_dir: Path, version: int) -> Any:
-    result = run_controller(
-        [
-            "publish",
-            str(version_dir),
-            "--model",
-            MODEL,
-            "--version",
-            str(version),
-            "--config",
-            str(fleet.config),
-        ]
-    )
-    return result
+    return publish_version(fleet.config, version_dir, MODEL, version)
 
 
 @pytest.fixture

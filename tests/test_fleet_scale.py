@@ -22,7 +22,12 @@ from typing import Any
 import pytest
 
 from tests.bench.fleet_sim import SimFleet, SimOptions, device_names, raise_fd_limit
-from tests.controller_process import ControllerProcess, controller_toml, run_controller
+from tests.controller_process import (
+    ControllerProcess,
+    controller_toml,
+    publish_version,
+    run_controller,
+)
 from tests.fleet_device import SigningKeys, make_signed_version, make_signing_keys
 from tests.mqtt_broker import MosquittoBroker
 
@@ -78,18 +83,7 @@ def _publish(fleet: ScaleFleet, version: int, size: int) -> None:
         {"model.onnx": os.urandom(size)},
         fleet.signing,
     )
-    result = run_controller(
-        [
-            "publish",
-            str(version_dir),
-            "--model",
-            MODEL,
-            "--version",
-            str(version),
-            "--config",
-            str(fleet.config),
-        ]
-    )
+    result = publish_version(fleet.config, version_dir, MODEL, version)
     assert result.returncode == 0, result.stderr
 
 

@@ -272,13 +272,14 @@ class ChunkServer:
             return
         reply_to = artifacts_topic(self.prefix, device)
         correlation = message.correlation_data
-        expiry_s: int | None = None
-        if message.expiry_s is not None:
-            left = _time_left(message)
-            if left < SHED_BELOW_S:
-                self.stats.shed += 1  # overload: answering late only adds to it
-                return
-            expiry_s = math.ceil(left)
+        if (
+            message.expiry_s is not None
+            and _time_left(message) - self._rate.delay() < SHED_BELOW_S
+        ):
+            # Overload: the answer (after its turn under the send-rate limit) would
+            # reach a device that has given up on it; answering only adds to the load.
+            self.stats.shed += 1
+            return
         try:
             if message.response_topic != reply_to:
                 raise ChunkRequestError(
@@ -302,19 +303,10 @@ class ChunkServer:
                 chunk_error_payload(error),
                 correlation,
                 {"schema": SCHEMA_CHUNK_ERROR, "version": str(SCHEMA_VERSION)},
-                expiry_s,
+                _expiry_left(message),
             )
             return
-        if message.expiry_s is not None:
-            # With a send-rate limit the answer may have to wait its turn: not
-            # worth a slot of the limit if it would go out after the device gave up.
-            if _time_left(message) - self._rate.delay() < SHED_BELOW_S:
-                self.stats.shed += 1
-                return
-            await self._rate.take(len(data))
-            expiry_s = max(math.ceil(_time_left(message)), 1)
-        else:
-            await self._rate.take(len(data))
+        await self._rate.take(len(data))
         await self._send(
             reply_to,
             data,
@@ -325,7 +317,7 @@ class ChunkServer:
                 "sha256": request.sha256,
                 "offset": str(request.offset),
             },
-            expiry_s,
+            _expiry_left(message),
         )
         self.stats.chunks += 1
         self.stats.bytes += len(data)
@@ -379,6 +371,11 @@ def _time_left(message: Message) -> float:
     """Seconds until the broker would have dropped ``message`` (it has an expiry)."""
     assert message.expiry_s is not None
     return message.expiry_s - (time.monotonic() - message.received)
+
+
+def _expiry_left(message: Message) -> int | None:
+    """The expiry an answer to ``message`` gets: what the request has left (None: none)."""
+    return None if message.expiry_s is None else max(math.ceil(_time_left(message)), 1)
 
 
 def stats_event(stats: ServeStats, started: float) -> dict[str, Any]:

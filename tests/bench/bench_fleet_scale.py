@@ -39,7 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 
 from agent.mqtt_client import MqttClient, MqttSettings
 from tests.bench.fleet_sim import SimFleet, SimOptions, device_names, raise_fd_limit
-from tests.controller_process import ControllerProcess, controller_toml, run_controller
+from tests.controller_process import (
+    ControllerProcess,
+    controller_toml,
+    publish_version,
+    run_controller,
+)
 from tests.fleet_device import make_signed_version, make_signing_keys
 from tests.mqtt_broker import MosquittoBroker
 
@@ -133,18 +138,7 @@ def run_size(count: int, args: argparse.Namespace, root: Path) -> dict[str, Any]
         version_dir = make_signed_version(
             work / f"repo-{version}", "m", version, {"model.onnx": os.urandom(size)}, signing
         )
-        published = run_controller(
-            [
-                "publish",
-                str(version_dir),
-                "--model",
-                "m",
-                "--version",
-                str(version),
-                "--config",
-                str(configs[0]),
-            ]
-        )
+        published = publish_version(configs[0], version_dir, "m", version)
         assert published.returncode == 0, published.stderr
     options = SimOptions(
         host=broker.host,
