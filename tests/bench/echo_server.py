@@ -8,9 +8,16 @@ size the model would return. What is left is the cost of grpc.aio, protobuf
 parsing and response construction: no server can do less per request in
 Python.
 
+``--off-loop`` gives the floor of a Python server that runs its models the way
+the agent must: it imports numpy and onnxruntime (what any server using
+onnxruntime's Python API carries in memory) and builds each answer on a worker
+thread, not on the event loop (one hop there and back per request, what
+keeping blocking inference off the loop costs at least). It runs no model
+either.
+
 Usage (started by bench_serving.py, one process per run)::
 
-    python tests/bench/echo_server.py --address 127.0.0.1:PORT --outputs outputs.json
+    python tests/bench/echo_server.py --address 127.0.0.1:PORT --outputs outputs.json [--off-loop]
 
 ``outputs.json`` maps model name to ``[[name, datatype, [dims without batch]], ...]``.
 Like the agent, it logs one JSON line ``{"msg": "serving", "addresses": [...]}``
@@ -25,6 +32,7 @@ import json
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +52,9 @@ Outputs = list[tuple[str, str, list[int]]]
 
 
 class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: dict[str, Outputs]) -> None:
+    def __init__(self, models: dict[str, Outputs], off_loop: bool = False) -> None:
         self._models = models
+        self._worker = ThreadPoolExecutor(1, "echo-worker") if off_loop else None
         # (model, batch) -> (output tensor metadata, raw contents): built once.
         self._cache: dict[tuple[str, int], tuple[list[Any], list[bytes]]] = {}
 
@@ -81,6 +90,12 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
         if request.model_name not in self._models:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model '{request.model_name}'")
+        if self._worker is not None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._worker, self._answer, request)
+        return self._answer(request)
+
+    def _answer(self, request: Any) -> pb.ModelInferResponse:
         inputs = request.inputs
         batch = inputs[0].shape[0] if inputs and inputs[0].shape else 1
         tensors, raws = self._outputs(request.model_name, batch)
@@ -94,7 +109,7 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-async def serve(address: str, models: dict[str, Outputs]) -> None:
+async def serve(address: str, models: dict[str, Outputs], off_loop: bool) -> None:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 80 * 1024 * 1024),
@@ -102,7 +117,7 @@ async def serve(address: str, models: dict[str, Outputs]) -> None:
             ("grpc.so_reuseport", 0),
         ]
     )
-    servicer = EchoServicer(models)  # type: ignore[abstract]  # only the RPCs a client calls
+    servicer = EchoServicer(models, off_loop)  # type: ignore[abstract]  # only the RPCs a client calls
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port(address)
     if port == 0:
@@ -126,10 +141,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", default="127.0.0.1:0")
     parser.add_argument("--outputs", type=Path, required=True)
+    parser.add_argument(
+        "--off-loop",
+        action="store_true",
+        help="import numpy and onnxruntime, and answer on a worker thread",
+    )
     args = parser.parse_args()
+    if args.off_loop:
+        import numpy  # noqa: F401
+        import onnxruntime  # noqa: F401
     raw = json.loads(args.outputs.read_text())
     models = {m: [(n, d, list(dims)) for n, d, dims in outs] for m, outs in raw.items()}
-    asyncio.run(serve(args.address, models))
+    asyncio.run(serve(args.address, models, args.off_loop))
 
 
 if __name__ == "__main__":
