@@ -72,3 +72,28 @@ async def run_in_background(
     Cancelling the await does not stop the call (like ``asyncio.to_thread``).
     """
     return await asyncio.wrap_future(_start(fn, args, nice, name))
+
+
+class BackgroundThread:
+    """One low-priority thread of its own that runs calls one after another, in order.
+
+    For a stream of small jobs that must not overlap (a download's chunk writes
+    extend one running SHA-256): a thread per call would cost a thread start per
+    chunk. The thread is niced once and is never used for anything else.
+    """
+
+    def __init__(self, name: str, nice: int = BACKGROUND_NICE) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=name, initializer=_lower_priority, initargs=(nice,)
+        )
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` on the thread, after every call submitted before it.
+
+        Cancelling the await does not stop the call; ``close`` waits for it.
+        """
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    async def close(self) -> None:
+        """Wait for the calls already submitted, then end the thread."""
+        await asyncio.to_thread(self._executor.shutdown, True)

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -356,8 +357,9 @@ def test_timeouts_halve_the_window_once_per_round_trip_and_answers_regrow_it(
 def test_files_are_hashed_while_they_arrive_and_corruption_is_still_caught(
     tmp_path: Path, corrupt_at: int | None
 ) -> None:
-    """Out-of-order answers: the contiguous prefix is hashed during the transfer, and a
-    wrong byte anywhere (in the part hashed early, or the tail) fails the digest check."""
+    """Out-of-order answers: in-order chunks are hashed as they are written, early ones
+    once the gap before them fills, and a wrong byte anywhere (in a chunk hashed from
+    memory or one read back) fails the digest check."""
     data = os.urandom(12 * 1024 * 1024)
     f = artifact("model.onnx", data)
 
@@ -388,5 +390,29 @@ def test_files_are_hashed_while_they_arrive_and_corruption_is_still_caught(
             run(downloader.download([(f, target)]))
         assert not target.exists()
         assert list((tmp_path / "dl").iterdir()) == []
-    # Most of the file was hashed before the last chunk arrived.
-    assert downloader.hashed_in_transfer >= 4 * 1024 * 1024
+    # The whole file was hashed by the end of the transfer: finishing only compares.
+    assert downloader.hashed_in_transfer == len(data)
+
+
+def test_chunks_are_written_and_hashed_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(64 * 1000)
+    f = artifact("model.onnx", data)
+    threads: set[str] = set()
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, chunk: bytes, offset: int) -> int:
+        threads.add(threading.current_thread().name)
+        return real_pwrite(fd, chunk, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+    async def go() -> None:
+        downloader = Downloader(tmp_path / "dl", MemoryFetcher({f.sha256: data}), SETTINGS)
+        await downloader.download([(f, tmp_path / "out" / "a")])
+        assert downloader.hashed_in_transfer == len(data)
+
+    run(go())
+    assert (tmp_path / "out" / "a").read_bytes() == data
+    assert threads and all(name.startswith("fleet-write") for name in threads), threads

@@ -9,15 +9,19 @@ thread ends up at a low priority and that sessions add no threads of their own.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from agent.background import BACKGROUND_NICE, BackgroundThread
 from tests.agent_process import AgentProcess, write_toml
 from tests.serving_models import make_repository, row_wise_model, serving_config
 
@@ -141,3 +145,25 @@ def test_an_agent_loading_models_keeps_every_serving_thread_at_normal_priority(
         assert niced == {}, f"threads left at a low priority: {niced}"
     finally:
         agent.stop()
+
+
+def test_a_background_thread_runs_calls_in_order_at_low_priority() -> None:
+    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def job(i: int) -> tuple[int, int, str]:
+        tid = threading.get_native_id()
+        return i, os.getpriority(os.PRIO_PROCESS, tid), threading.current_thread().name
+
+    async def go() -> list[tuple[int, int, str]]:
+        worker = BackgroundThread("test-writer")
+        try:
+            return list(await asyncio.gather(*(worker.run(job, i) for i in range(20))))
+        finally:
+            await worker.close()
+
+    results = asyncio.run(go())
+    assert [i for i, _, _ in results] == list(range(20))
+    assert {name for _, _, name in results} == {"test-writer_0"}  # one thread, reused
+    assert {nice for _, nice, _ in results} == {min(loop_nice + BACKGROUND_NICE, 19)}
+    # The caller's own priority is untouched.
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_nice

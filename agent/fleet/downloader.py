@@ -6,8 +6,14 @@ chunks are written into at their offsets; ``<sha256>.ranges`` records which
 byte ranges are on disk *and fsynced* (the data is synced before the record
 that claims it), so after a disconnect, a controller restart or an agent crash
 the download continues with the ranges still missing. A finished file is
-hashed as a whole; only if its SHA-256 is the declared one is it renamed to its
+checked against its declared SHA-256 as a whole; only then is it renamed to its
 destination (in the staging directory).
+
+Chunks are written, and the SHA-256 extended over the file's contiguous
+prefix, on one low-priority thread per download, never on the event loop. A
+chunk that lands in order is hashed from memory as it is written; chunks that
+came early are read back once the gap before them is filled. The check at the
+end is then only a comparison, or the hash of a short tail.
 
 Fetching is an interface (:class:`ChunkFetcher`); :class:`MqttChunkFetcher` is
 the protocol of docs/fleet-protocol.md: a request on
@@ -35,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from agent.background import run_in_background
+from agent.background import BackgroundThread, run_in_background
 from agent.errors import AgentError
 from agent.fleet.deployment import DeploymentFile, DigestMismatchError, load_strict_json
 from agent.mqtt_client import Message, MqttClient
@@ -163,8 +169,8 @@ class PartialFile:
         self._fd = -1
         self._last_checkpoint = time.monotonic()
         self._checkpointing: asyncio.Lock | None = None
-        # SHA-256 of bytes [0, hashed), extended while the download runs (hash_along)
-        # so that finishing only hashes the tail instead of re-reading the whole file.
+        # SHA-256 of bytes [0, hashed), extended by write() while the download runs,
+        # so that finishing does not have to read the whole file again.
         self._digest = hashlib.sha256()
         self.hashed = 0
 
@@ -213,6 +219,13 @@ class PartialFile:
         return self.written.total() == self.artifact.size
 
     def write(self, offset: int, data: bytes) -> None:
+        """Blocking: store a chunk and extend the running SHA-256 as far as the file is
+        contiguous. Calls must not overlap (the download's writer thread makes them).
+
+        ``written`` is changed only here; the loop reads it meanwhile, which is safe:
+        ``RangeSet.add`` swaps in a new list, and a range is added only once its
+        bytes are in the file, so a checkpoint's fsync covers every range it saw.
+        """
         end = offset + len(data)
         if offset < 0 or end > self.artifact.size:  # never past the declared size
             raise ChunkInvalidError(f"chunk [{offset}, {end}) is outside the declared size")
@@ -222,7 +235,11 @@ class PartialFile:
             count = os.pwrite(self._fd, view, position)
             view = view[count:]
             position += count
+        if offset == self.hashed:  # in order (the usual case): hash what is in memory
+            self._digest.update(data)
+            self.hashed = end
         self.written.add(offset, end)
+        self.hash_prefix(self.written.prefix())  # chunks that came early, now in order
 
     async def checkpoint(self, force: bool = False) -> None:
         """fsync the data, then record the ranges that are now durable."""
@@ -249,7 +266,8 @@ class PartialFile:
     def hash_prefix(self, upto: int) -> None:
         """Blocking: extend the running SHA-256 over ``[hashed, upto)``, bytes already written.
 
-        Only one caller at a time (the download's hash_along task, then ``finish``).
+        Only one caller at a time (``write`` on the download's writer thread, then
+        ``finish``).
         """
         while self.hashed < upto:
             block = os.pread(self._fd, min(HASH_BLOCK, upto - self.hashed), self.hashed)
@@ -576,20 +594,20 @@ class Downloader:
                 partial, offset, length = queue.popleft()
                 data = await self._fetch_with_retries(partial.artifact, offset, length)
                 try:
-                    partial.write(offset, data)
-                    hashing.wake()
+                    await writer.run(partial.write, offset, data)
                     await partial.checkpoint()
                 except OSError as exc:
                     raise StorageError(f"cannot write {partial.part}: {exc.strerror}") from exc
                 self._progress(done_bytes + sum(p.written.total() for p in partials), total)
 
         self.window = AdaptiveWindow(min(self.settings.window, len(queue)))
+        writer = BackgroundThread("fleet-write")
         workers = [asyncio.create_task(worker()) for _ in range(self.window.size)]
-        hashing = _HashAlong(partials)
         try:
             await _gather_or_fail(workers)
         finally:
-            await hashing.stop()
+            # Writes already handed over finish (the file is closed only after them).
+            await asyncio.shield(writer.close())
             for partial in partials:
                 with contextlib.suppress(OSError):
                     await asyncio.shield(partial.checkpoint(force=True))
@@ -628,46 +646,6 @@ class Downloader:
                            "reason": str(exc)},
                 )
                 await asyncio.sleep(min(self.settings.retry_backoff_s * failures, 2.0))
-
-
-class _HashAlong:
-    """Hashes each file's contiguous prefix on a background thread while chunks arrive.
-
-    Chunks come roughly in order, so most of a file is hashed before its last
-    chunk lands and the check at the end reads only the tail: the transfer and
-    the hash overlap instead of following each other.
-    """
-
-    STEP: Final = 4 * HASH_BLOCK  # hash when at least this much new prefix is written
-
-    def __init__(self, partials: Sequence[PartialFile]) -> None:
-        self._partials = partials
-        self._grew = asyncio.Event()
-        self._stopping = False
-        self._task = asyncio.create_task(self._run())
-
-    def wake(self) -> None:
-        self._grew.set()
-
-    async def stop(self) -> None:
-        # Not cancelled: a hash_prefix call running on its thread must end before
-        # anyone else (finish) touches the digest.
-        self._stopping = True
-        self._grew.set()
-        with contextlib.suppress(OSError):
-            await self._task
-
-    async def _run(self) -> None:
-        while not self._stopping:
-            await self._grew.wait()
-            self._grew.clear()
-            for partial in self._partials:
-                end = partial.written.prefix()
-                if self._stopping:
-                    return
-                done = end == partial.artifact.size > partial.hashed
-                if done or end - partial.hashed >= self.STEP:
-                    await run_in_background(partial.hash_prefix, end, name="fleet-hash")
 
 
 def _present(paths: Sequence[Path], artifact: DeploymentFile) -> list[bool]:
