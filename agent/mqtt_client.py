@@ -1,8 +1,11 @@
 """The one module that imports paho-mqtt: an asyncio facade over its client.
 
 paho runs its network loop on its own thread; every callback from that thread
-is handed to the asyncio loop with ``call_soon_threadsafe``, so the rest of
-the agent (and the controller) only sees coroutines and a message queue.
+is handed to the asyncio loop, in order, so the rest of the agent (and the
+controller) only sees coroutines and a message queue. The hand-offs are
+batched: the loop is woken only when no wake-up is pending already, because
+each wake-up is a system call after which the paho thread must win the GIL
+back before it reads on (a 1 MiB chunk download is dozens of messages a second).
 MQTT v5 only; persistent sessions (clean_start false + session expiry) so QoS 1
 messages wait at the broker while a device is away.
 """
@@ -17,6 +20,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +115,9 @@ class MqttClient:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_socket_open = _disable_nagle
         self._lock = threading.Lock()
+        # Calls from the paho thread waiting for the loop (see _call).
+        self._handoff: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._wake_pending = False
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._early: dict[int, Exception | None] = {}  # acks that beat their registration
         self._unwaited: set[int] = set()  # mids published without waiting for the ack
@@ -246,10 +253,30 @@ class MqttClient:
         )
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """From the paho thread: have ``fn(*args)`` run on the loop, after earlier calls."""
         loop = self._loop
-        if loop is not None and not loop.is_closed():
+        if loop is None or loop.is_closed():
+            return
+        self._handoff.append((fn, args))
+        if not self._wake_pending:
+            self._wake_pending = True
             with contextlib.suppress(RuntimeError):  # loop closing
-                loop.call_soon_threadsafe(fn, *args)
+                loop.call_soon_threadsafe(self._run_handoff)
+
+    def _run_handoff(self) -> None:
+        # Cleared before draining: a call appended after this either runs below
+        # or finds the flag clear and wakes the loop again.
+        self._wake_pending = False
+        handoff = self._handoff
+        while handoff:
+            fn, args = handoff.popleft()
+            try:
+                fn(*args)
+            except Exception as error:  # as the loop does for a failing callback
+                assert self._loop is not None
+                self._loop.call_exception_handler(
+                    {"message": "mqtt callback failed", "exception": error}
+                )
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:

@@ -67,3 +67,39 @@ def test_a_lost_connection_is_a_warning_and_our_own_stop_is_not(
     asyncio.run(asyncio.wait_for(scenario(), 60))
     levels = sorted(r.levelno for r in caplog.records if r.getMessage() == "mqtt disconnected")
     assert levels == [logging.INFO, logging.WARNING]
+
+
+def test_a_burst_of_messages_and_acks_reaches_the_loop_complete_and_in_order(
+    mqtt_broker: MosquittoBroker,
+) -> None:
+    """Hand-offs from paho's thread are batched (one loop wake-up per burst): a burst
+    of 2,000 QoS 1 messages published back to back must still all arrive, in order,
+    and every awaited publish must still get its own acknowledgement."""
+    count = 2_000
+    topic = "edge/devices/dev-burst/health"
+
+    async def scenario() -> None:
+        receiver = MqttClient(device_settings(mqtt_broker, "dev-burst", client_id="burst-rx"))
+        sender = MqttClient(device_settings(mqtt_broker, "dev-burst", max_inflight=1000))
+        await receiver.start()
+        await sender.start()
+        try:
+            await receiver.wait_connected(10)
+            await sender.wait_connected(10)
+            await receiver.subscribe(topic, qos=1)
+            sends = [
+                asyncio.create_task(sender.publish(topic, b"%d" % i, qos=1))
+                for i in range(count)
+            ]
+            await asyncio.gather(*sends)  # every ack arrived
+            got = [
+                int((await asyncio.wait_for(receiver.messages.get(), 10)).payload)
+                for _ in range(count)
+            ]
+            assert got == list(range(count))
+            assert receiver.messages.empty()
+        finally:
+            await sender.stop()
+            await receiver.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
