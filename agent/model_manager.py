@@ -8,7 +8,9 @@ then are its workers released.
 A model can be *pinned* to one version (the fleet updater does this: the
 version its state says must serve). A pin replaces the config's version policy
 for that model; a pinned version that fails to load leaves the versions that
-were serving in place.
+were serving in place. The updater may also hand over the session it validated
+the version's verified bytes with, so that a large model is not read, hashed
+and loaded a second time to go live (``activate``'s ``prepared``).
 """
 
 from __future__ import annotations
@@ -20,11 +22,18 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent.background import call_in_background
 from agent.errors import AgentError, ModelNotFoundError, ModelNotReadyError
 from agent.model_config import ModelSpec, complete_config, model_spec, parse_config_pbtxt
-from agent.onnx_runtime import OnnxSession, SessionOptions, starts_no_threads, zero_inputs
+from agent.onnx_runtime import (
+    OnnxSession,
+    SessionOptions,
+    shares_thread_pools,
+    starts_no_threads,
+    zero_inputs,
+)
 from agent.repository import (
     RepositoryModel,
     check_model_name,
@@ -106,6 +115,7 @@ def _load_blocking(
     reader: ModelReader,
     settings: LoadSettings,
     warm_up: bool = False,
+    prepared: OnnxSession | None = None,
 ) -> _Loaded:
     version_dir = model.path / str(version)
     declared = (
@@ -118,13 +128,16 @@ def _load_blocking(
     # Reading and verifying (hashing every file) at a low priority, on a thread of
     # its own. The session too, unless creating it starts onnxruntime pool threads:
     # those inherit their creator's priority and serve requests.
-    model_bytes = call_in_background(reader, version_dir, filename, name="model-verify")
-    if starts_no_threads(settings.session):
-        session = call_in_background(
-            OnnxSession, model_bytes, settings.session, name="model-load"
-        )
+    if prepared is not None:
+        session = prepared
     else:
-        session = OnnxSession(model_bytes, settings.session)
+        model_bytes = call_in_background(reader, version_dir, filename, name="model-verify")
+        if starts_no_threads(settings.session):
+            session = call_in_background(
+                OnnxSession, model_bytes, settings.session, name="model-load"
+            )
+        else:
+            session = OnnxSession(model_bytes, settings.session)
     if warm_up:
         _warm_up(session, model.name, version)
     config = complete_config(
@@ -150,7 +163,7 @@ class ModelManager:
         self._latest: dict[str, ServingModel] = {}
         self._states: dict[str, dict[str, VersionState]] = {}
         self._lock = asyncio.Lock()
-        self._draining: set[asyncio.Task[bool]] = set()
+        self._draining: set[asyncio.Task[Any]] = set()  # retiring versions, freeing sessions
         self._pins: dict[str, int] = {}
 
     # -- lookups (loop thread, cheap) ------------------------------------
@@ -199,14 +212,25 @@ class ModelManager:
         """Pin models to versions before the first ``sync_repository`` (start-up)."""
         self._pins = dict(pins)
 
-    async def activate(self, name: str, version: int | None) -> ServingModel | None:
+    async def activate(
+        self, name: str, version: int | None, prepared: OnnxSession | None = None
+    ) -> ServingModel | None:
         """Pin ``name`` to ``version`` (None: back to the policy) and make that serve.
 
         The new version is loaded and warmed up while the old one serves; then it
         takes new requests and the old one drains. If it fails to load, the pin
         goes back to what it was, what served keeps serving, and the error is raised.
+
+        ``prepared``: a session the caller made from this version's model file,
+        verified, as it now is on disk (the updater's validation session). It
+        serves instead of a new load if it could have been made here (same
+        thread pools, graph optimisation and providers); either way it is this
+        manager's from now on, to serve or to free.
         """
         check_model_name(name)
+        if prepared is not None and not self._can_serve(prepared):
+            self._free(prepared)
+            prepared = None
         async with self._lock:
             model = await asyncio.to_thread(read_model, self.root, name)
             if version is not None and version not in model.versions:
@@ -216,7 +240,12 @@ class ModelManager:
                 self._pins.pop(name, None)
             else:
                 self._pins[name] = version
-            await self._sync_model(model, warm_up=True)
+            handed = {str(version): prepared} if prepared is not None else {}
+            try:
+                await self._sync_model(model, warm_up=True, prepared=handed)
+            finally:
+                for unused in handed.values():  # the version was serving already
+                    self._free(unused)
             self._on_change()
             if version is None:
                 return None
@@ -260,7 +289,27 @@ class ModelManager:
             await self._unload(name, "unloaded by request")
             self._on_change()
 
-    async def _sync_model(self, model: RepositoryModel, warm_up: bool = False) -> None:
+    def _can_serve(self, session: OnnxSession) -> bool:
+        # A session of its own threads was made single-threaded (and maybe at a low
+        # priority) for validation; only the shared pools make it a serving session.
+        wanted = self._settings.session
+        return (
+            shares_thread_pools()
+            and session.options.graph_optimization == wanted.graph_optimization
+            and session.options.execution_providers == wanted.execution_providers
+        )
+
+    def _free(self, session: OnnxSession) -> None:
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(session.close))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def _sync_model(
+        self,
+        model: RepositoryModel,
+        warm_up: bool = False,
+        prepared: dict[str, OnnxSession] | None = None,
+    ) -> None:
         states = self._states.setdefault(model.name, {})
         serving = self._serving.setdefault(model.name, {})
         try:
@@ -295,11 +344,20 @@ class ModelManager:
                 if fp == current.fingerprint:
                     continue
             states[version] = VersionState(LOADING)
+            session = prepared.pop(version, None) if prepared else None
             try:
                 loaded = await asyncio.to_thread(
-                    _load_blocking, model, int(version), self._reader, self._settings, warm_up
+                    _load_blocking,
+                    model,
+                    int(version),
+                    self._reader,
+                    self._settings,
+                    warm_up,
+                    session,
                 )
             except AgentError as exc:
+                if session is not None:
+                    self._free(session)
                 log.error(
                     "model version not loaded",
                     extra={"model": model.name, "version": version, "reason": str(exc)},
@@ -319,7 +377,14 @@ class ModelManager:
                 loaded.fingerprint,
             )
             states[version] = VersionState(READY)
-            log.info("model version ready", extra={"model": model.name, "version": version})
+            log.info(
+                "model version ready",
+                extra={
+                    "model": model.name,
+                    "version": version,
+                    "loaded_from": "validation session" if session is not None else "repository",
+                },
+            )
             if current is not None:
                 self._retire(current)
         # A pinned version that did not come up does not take the old one down.

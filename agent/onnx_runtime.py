@@ -136,6 +136,12 @@ def share_thread_pools(intra_op_threads: int, inter_op_threads: int) -> bool:
     return True
 
 
+def shares_thread_pools() -> bool:
+    """Whether every session of this process runs on the pools of ``share_thread_pools``
+    (so a session created for one purpose, say validation, can serve as well)."""
+    return _shared_pools is not None
+
+
 def starts_no_threads(options: SessionOptions) -> bool:
     """Whether a session with ``options`` runs only on its callers' threads and shared
     pools, so the thread creating it can have any priority."""
@@ -192,6 +198,7 @@ class OnnxSession:
                 f"execution provider(s) {', '.join(missing)} not available in this onnxruntime "
                 f"(available: {', '.join(available_providers())})"
             )
+        self.options = options
         so = ort.SessionOptions()
         if _shared_pools is not None:
             so.use_per_session_threads = False

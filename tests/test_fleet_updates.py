@@ -213,6 +213,12 @@ def test_update_goes_through_every_phase_without_failing_a_request(fleet: Fleet)
     assert state["models"][MODEL] == {
         "active": version, "highest_activated": version, "last_known_good": version
     }
+    # The session validation made from the verified bytes went live: no second load.
+    ready = [
+        json.loads(line) for line in fleet.agent.log_text().splitlines()
+        if '"model version ready"' in line and f'"version": "{version}"' in line
+    ]
+    assert [r.get("loaded_from") for r in ready] == ["validation session"], ready
     assert (fleet.repository / MODEL / "config.pbtxt").read_bytes() == config
     trust = TrustStore.from_directory(fleet.keys.model_trust_dir)
     assert repository_problems(fleet.repository, lambda p: verify_version(p, trust)) == []

@@ -77,7 +77,7 @@ from agent.fleet.validation import SPEC_FILE, VECTORS_FILE, validate_model
 from agent.model_config import complete_config, parse_config_pbtxt
 from agent.model_manager import ModelManager
 from agent.mqtt_client import Message, MqttClient, MqttSettings, Will
-from agent.onnx_runtime import SessionOptions
+from agent.onnx_runtime import OnnxSession, SessionOptions
 from agent.signing.keys import TrustStore
 from agent.signing.version_dir import verify_version
 from agent.state_store import (
@@ -577,10 +577,11 @@ class Updater:
             action = lifecycle.recovery(self._job_state(job))
             if action is Recovery.DOWNLOAD:
                 await self._download(deployment)
+            validated = None
             if action in (Recovery.DOWNLOAD, Recovery.VALIDATE):
-                await self._validate(deployment)
+                validated = await self._validate(deployment)
             if action in (Recovery.DOWNLOAD, Recovery.VALIDATE, Recovery.ACTIVATE):
-                await self._activate(deployment)
+                await self._activate(deployment, validated)
             await self._probation(deployment)
         except asyncio.CancelledError:
             raise
@@ -715,7 +716,8 @@ class Updater:
         existing = self.settings.repository / deployment.model_name / CONFIG_PATH
         return existing.read_text(encoding="utf-8") if existing.is_file() else None
 
-    async def _validate(self, deployment: Deployment) -> None:
+    async def _validate(self, deployment: Deployment) -> OnnxSession | None:
+        """Verify and test-run the staged version; the session that passed, for _activate."""
         if self._current_state().phase is Phase.VERIFIED:
             await self._transition(Event.START_VALIDATION)
         try:
@@ -749,18 +751,61 @@ class Updater:
             result = await run_in_background(
                 validate_model, model_bytes, contents, options, name="fleet-validate"
             )
+        except AgentError as exc:
+            raise JobFailure(Reason.VALIDATION_FAILED, str(exc)) from None
+        try:
             complete_config(declared, deployment.model_name, result.inputs, result.outputs, 1)
         except AgentError as exc:
+            self._free_session(result.session)
             raise JobFailure(Reason.VALIDATION_FAILED, str(exc)) from None
         log.info("staged version validated",
                  extra={"model": deployment.model_name, "version": deployment.model_version,
                         "mode": result.mode, "max_abs_error": result.max_abs_error})
-        await self._transition(Event.VALIDATION_PASSED)
-        failpoint("validated", deployment.sequence)
+        try:
+            await self._transition(Event.VALIDATION_PASSED)
+            failpoint("validated", deployment.sequence)
+        except BaseException:
+            self._free_session(result.session)
+            raise
+        return result.session
+
+    def _free_session(self, session: OnnxSession | None) -> None:
+        if session is not None:  # hundreds of MB for a large model: freed off the loop
+            self._spawn(asyncio.to_thread(session.close))
 
     # -- activation -----------------------------------------------------------
 
-    async def _activate(self, deployment: Deployment) -> None:
+    async def _activate(self, deployment: Deployment, validated: OnnxSession | None) -> None:
+        """Install the staged version and make it serve; ``validated``: the session
+        _validate made from its verified bytes (None after a restart), which the model
+        manager serves instead of loading the version again."""
+        try:
+            await self._install_version(deployment)
+        except BaseException:
+            self._free_session(validated)
+            raise
+        name, version = deployment.model_name, deployment.model_version
+        try:
+            await self.models.activate(name, version, prepared=validated)
+            failpoint("loaded", deployment.sequence)
+        except AgentError as exc:
+            raise JobFailure(Reason.ACTIVATION_FAILED, str(exc)) from None
+        job = self.state.job
+        assert job is not None
+        record = self.state.model(name)
+        record.active = version
+        record.highest_activated = max(record.highest_activated, version)
+        if record.last_known_good is None:
+            record.last_known_good = job.previous_active
+        probation = (
+            deployment.probation_s if deployment.probation_s is not None
+            else self.settings.probation_s
+        )
+        job.probation_until = self.clock() + probation
+        await self._transition(Event.ACTIVATED)
+
+    async def _install_version(self, deployment: Deployment) -> None:
+        """Move the staged version (and its config) into the repository, crash-safely."""
         job = self.state.job
         assert job is not None
         if job.attempts > self.settings.max_start_attempts:
@@ -790,21 +835,6 @@ class Updater:
             raise JobFailure(Reason.INTERRUPTED, "the staged version is gone")
         if deployment.config is not None:
             await asyncio.to_thread(self._swap_config, deployment)
-        try:
-            await self.models.activate(name, version)
-            failpoint("loaded", deployment.sequence)
-        except AgentError as exc:
-            raise JobFailure(Reason.ACTIVATION_FAILED, str(exc)) from None
-        record.active = version
-        record.highest_activated = max(record.highest_activated, version)
-        if record.last_known_good is None:
-            record.last_known_good = job.previous_active
-        probation = (
-            deployment.probation_s if deployment.probation_s is not None
-            else self.settings.probation_s
-        )
-        job.probation_until = self.clock() + probation
-        await self._transition(Event.ACTIVATED)
 
     async def _reuse_serving_copy(
         self, deployment: Deployment, staged: Path, target: Path

@@ -27,7 +27,7 @@ import io
 import json
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -56,6 +56,9 @@ class ValidationResult:
     inputs: tuple[GraphTensor, ...]
     outputs: tuple[GraphTensor, ...]
     max_abs_error: float = 0.0
+    # The session that passed: with shared thread pools it can go on to serve
+    # (ModelManager.activate's ``prepared``) instead of the model loading twice.
+    session: OnnxSession | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +193,9 @@ def validate_model(
             raise ValidationFailedError(f"smoke inference on zeros failed: {exc}") from None
         if len(results) != len(output_names):
             raise ValidationFailedError("smoke inference did not produce every output")
-        return ValidationResult("smoke", tuple(output_names), session.inputs, session.outputs)
+        return ValidationResult(
+            "smoke", tuple(output_names), session.inputs, session.outputs, session=session
+        )
 
     default, per_output = _parse_spec(files.get(SPEC_FILE))
     inputs, expected = _load_vectors(vectors)
@@ -215,4 +220,6 @@ def validate_model(
         worst = max(
             worst, _compare(name, np.asarray(actual), expected[name], per_output.get(name, default))
         )
-    return ValidationResult("vectors", tuple(names), session.inputs, session.outputs, worst)
+    return ValidationResult(
+        "vectors", tuple(names), session.inputs, session.outputs, worst, session=session
+    )
