@@ -24,6 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from agent.background import BackgroundThread
 from agent.controller.protocol import (
     DEFAULT_MAX_CHUNK_BYTES,
     MAX_JSON_BYTES,
@@ -230,6 +231,9 @@ class ChunkServer:
         self.max_chunk_bytes = max_chunk_bytes
         self.stats = ServeStats()
         self._rate = RateLimiter(max_bytes_per_s)
+        # Chunks are read from the store on a thread of their own, not on the loop;
+        # one thread, so the descriptor cache is never used by two at once.
+        self._reader = BackgroundThread("chunk-read", nice=0)
         self._blobs = _BlobCache(store)
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -262,6 +266,7 @@ class ChunkServer:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._reader.close()  # reads already handed over finish first
         self._blobs.close()
 
     async def _answer(self, message: Message) -> None:
@@ -291,7 +296,7 @@ class ChunkServer:
                     "bad_request", f"correlation data missing or over {MAX_CORRELATION_BYTES} bytes"
                 )
             request = parse_chunk_request(device, message.payload, self.max_chunk_bytes)
-            data = self._read(request)
+            data = await self._reader.run(self._read, request)
         except ChunkRequestError as error:
             self.stats.errors += 1
             log.warning(
@@ -324,6 +329,7 @@ class ChunkServer:
         self.stats.by_device[device] = self.stats.by_device.get(device, 0) + 1
 
     def _read(self, request: ChunkRequest) -> bytes:
+        """Blocking (the reader thread): the requested bytes of a stored blob."""
         entry = self._blobs.get(request.sha256)
         if entry is None:
             raise ChunkRequestError(
