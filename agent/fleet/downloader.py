@@ -536,7 +536,7 @@ class Downloader:
 
     async def download(self, targets: Sequence[tuple[DeploymentFile, Path]]) -> None:
         """Make every destination hold its artifact (verified by SHA-256)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
         by_sha: dict[str, list[tuple[DeploymentFile, Path]]] = {}
         for artifact, dest in targets:
             by_sha.setdefault(artifact.sha256, []).append((artifact, dest))

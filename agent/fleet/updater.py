@@ -721,7 +721,7 @@ class Updater:
         if self._current_state().phase is Phase.VERIFIED:
             await self._transition(Event.START_VALIDATION)
         try:
-            config_text = self._config_text(deployment)
+            config_text = await asyncio.to_thread(self._config_text, deployment)
             declared = (
                 parse_config_pbtxt(config_text, CONFIG_PATH)
                 if config_text is not None
