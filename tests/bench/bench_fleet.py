@@ -288,6 +288,7 @@ def measure_update(
     deploy_trust: Path,
     size: int,
     clients: int,
+    chunk_bytes: int,
 ) -> UpdateResult:
     import threading
 
@@ -339,6 +340,7 @@ def measure_update(
                 "deployment_trust_dir": str(deploy_trust),
                 "probation_min_requests": 1_000_000_000,
                 "max_model_bytes": 2 * size + 10 * MB,
+                "chunk_bytes": chunk_bytes,
             },
         },
     )
@@ -433,11 +435,12 @@ def measure_update(
     )
 
 
-def print_update(result: UpdateResult, size_mb: int, clients: int) -> None:
+def print_update(result: UpdateResult, size_mb: int, clients: int, chunk_bytes: int) -> None:
     print()
     print(
-        f"Update of tabular_classifier 2 -> 3 ({size_mb} MB), {clients} tritonclient threads "
-        f"of closed-loop load; job {result.status}, {result.failures} failed requests"
+        f"Update of tabular_classifier 2 -> 3 ({size_mb} MB, {chunk_bytes // 1024} KiB chunks), "
+        f"{clients} tritonclient threads of closed-loop load; job {result.status}, "
+        f"{result.failures} failed requests"
     )
     print("  seconds from publishing the deployment to each reported phase:")
     for phase, seconds in sorted(result.phases.items(), key=lambda item: item[1]):
@@ -475,6 +478,12 @@ def main() -> int:
     parser.add_argument("--downloader", choices=["auto", "agent", "puller"], default="auto")
     parser.add_argument("--no-update", action="store_true", help="skip the end-to-end update")
     parser.add_argument("--clients", type=int, default=4, help="load threads during the update")
+    parser.add_argument(
+        "--update-chunk-bytes",
+        type=int,
+        default=MIB,
+        help="the agent's fleet.chunk_bytes in the update (default 1 MiB, the agent's own)",
+    )
     # internal: the raw publisher child process
     parser.add_argument("--raw-publisher", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
@@ -563,6 +572,7 @@ def main() -> int:
                     deploy_trust,
                     size,
                     args.clients,
+                    args.update_chunk_bytes,
                 )
             stopped = controller.stop()
         finally:
@@ -589,7 +599,7 @@ def main() -> int:
         f"setting); controller served {stopped['chunks'] if stopped else '?'} chunks"
     )
     if update is not None:
-        print_update(update, args.size_mb, args.clients)
+        print_update(update, args.size_mb, args.clients, args.update_chunk_bytes)
     return 0
 
 
