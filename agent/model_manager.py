@@ -227,10 +227,21 @@ class ModelManager:
         thread pools, graph optimisation and providers); either way it is this
         manager's from now on, to serve or to free.
         """
-        check_model_name(name)
-        if prepared is not None and not self._can_serve(prepared):
+        handed: dict[str, OnnxSession] = {}  # version -> prepared, until _sync_model takes it
+        if prepared is not None and version is not None and self._can_serve(prepared):
+            handed[str(version)] = prepared
+        elif prepared is not None:
             self._free(prepared)
-            prepared = None
+        try:
+            return await self._activate(name, version, handed)
+        finally:
+            for unused in handed.values():  # not taken: serving already, or an error
+                self._free(unused)
+
+    async def _activate(
+        self, name: str, version: int | None, handed: dict[str, OnnxSession]
+    ) -> ServingModel | None:
+        check_model_name(name)
         async with self._lock:
             model = await asyncio.to_thread(read_model, self.root, name)
             if version is not None and version not in model.versions:
@@ -240,12 +251,7 @@ class ModelManager:
                 self._pins.pop(name, None)
             else:
                 self._pins[name] = version
-            handed = {str(version): prepared} if prepared is not None else {}
-            try:
-                await self._sync_model(model, warm_up=True, prepared=handed)
-            finally:
-                for unused in handed.values():  # the version was serving already
-                    self._free(unused)
+            await self._sync_model(model, warm_up=True, prepared=handed)
             self._on_change()
             if version is None:
                 return None

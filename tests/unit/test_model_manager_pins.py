@@ -137,6 +137,7 @@ PREPARED_SCRIPT = textwrap.dedent(
     from pathlib import Path
     import numpy as np
     sys.path.insert(0, sys.argv[1])
+    from agent.errors import ModelNotFoundError
     from agent.model_manager import LoadSettings, ModelManager
     from agent.onnx_runtime import OnnxSession, SessionOptions, share_thread_pools
     from tests.fleet_harness import scale_model
@@ -162,6 +163,7 @@ PREPARED_SCRIPT = textwrap.dedent(
     prepared = OnnxSession(scale_model(7), SessionOptions(intra_op_threads=1))
     again = OnnxSession(scale_model(8), SessionOptions())
     other_opt = OnnxSession(scale_model(9), SessionOptions(graph_optimization="basic"))
+    missing = OnnxSession(scale_model(5), SessionOptions())
 
     async def go():
         manager = ModelManager(root, reader, settings)
@@ -173,10 +175,16 @@ PREPARED_SCRIPT = textwrap.dedent(
         assert answer(manager) == 7.0
         await manager.activate("m", 2, prepared=other_opt)  # other options: freed
         assert answer(manager) == 2.0 and reads == ["2", "2"], reads
+        try:  # no such version on disk: refused, and the session freed all the same
+            await manager.activate("m", 5, prepared=missing)
+        except ModelNotFoundError:
+            pass
+        else:
+            raise AssertionError("activated a version that is not on disk")
         await manager.close(1)
 
     asyncio.run(go())
-    for unused in (again, other_opt):
+    for unused in (again, other_opt, missing):
         try:
             unused.run(["y"], {"x": np.ones((1, 4), np.float32)})
         except RuntimeError as exc:
