@@ -90,6 +90,9 @@ DEFAULTS: dict[str, Any] = {
         # The whole transfer of one job (per agent run, broker outages included):
         # slow or silent controllers end the job instead of keeping it forever.
         "download_timeout_s": 3600.0,
+        # Cap on the download rate (0: none). Receiving costs CPU that serving also
+        # wants; a cap trades update time for serving latency during downloads.
+        "max_download_bytes_per_s": 0,
         "max_model_bytes": 4 * 1024 * MIB,
         "max_clock_skew_s": 300.0,
         "probation_s": 60.0,  # a deployment's probation_s overrides it
@@ -233,6 +236,7 @@ _SCHEMA: dict[str, Any] = {
                 "download_timeout_s": {
                     "type": "number", "exclusiveMinimum": 0, "maximum": 30 * 86400
                 },
+                "max_download_bytes_per_s": {"type": "integer", "minimum": 0},
                 "max_model_bytes": {"type": "integer", "minimum": 1, "maximum": 2**48},
                 "max_clock_skew_s": {"type": "number", "minimum": 0, "maximum": 86400},
                 "probation_s": {"type": "number", "minimum": 0, "maximum": 7 * 24 * 3600},
@@ -346,6 +350,7 @@ class FleetConfig:
     chunk_timeout_s: float
     chunk_retries: int
     download_timeout_s: float
+    max_download_bytes_per_s: int
     max_model_bytes: int
     max_clock_skew_s: float
     probation_s: float

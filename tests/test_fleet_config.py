@@ -72,6 +72,8 @@ def test_a_full_section_is_taken_as_given() -> None:
         ("fleet", {"download_timeout_s": -1.0}, "fleet.download_timeout_s"),
         ("fleet", {"download_timeout_s": float("inf")}, "fleet.download_timeout_s"),
         ("fleet", {"download_timeout_s": "1h"}, "fleet.download_timeout_s"),
+        ("fleet", {"max_download_bytes_per_s": -1}, "fleet.max_download_bytes_per_s"),
+        ("fleet", {"max_download_bytes_per_s": 1.5e6}, "fleet.max_download_bytes_per_s"),
     ],
 )
 def test_a_wrong_key_or_value_names_it(section: str, values: dict[str, Any], named: str) -> None:

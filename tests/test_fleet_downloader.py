@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -416,3 +417,23 @@ def test_chunks_are_written_and_hashed_off_the_event_loop(
     run(go())
     assert (tmp_path / "out" / "a").read_bytes() == data
     assert threads and all(name.startswith("fleet-write") for name in threads), threads
+
+
+def test_a_download_rate_cap_spaces_the_chunk_requests(tmp_path: Path) -> None:
+    """fleet.max_download_bytes_per_s: 400 kB at 1 MB/s cannot take less than ~0.4 s
+    (the first chunk goes at once); without a cap the same download is not held back."""
+    data = os.urandom(400_000)
+    f = artifact("model.onnx", data)
+
+    def timed(cap: int, where: Path) -> float:
+        settings = DownloadSettings(chunk_bytes=20_000, window=4, max_bytes_per_s=cap)
+        downloader = Downloader(where / "dl", MemoryFetcher({f.sha256: data}), settings)
+        started = time.monotonic()
+        run(downloader.download([(f, where / "out")]))
+        assert (where / "out").read_bytes() == data
+        return time.monotonic() - started
+
+    capped = timed(1_000_000, tmp_path / "capped")
+    assert capped >= 0.38, capped
+    uncapped = timed(0, tmp_path / "free")
+    assert uncapped < capped / 2, (uncapped, capped)  # the cap made it slow, not the machine

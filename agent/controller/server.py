@@ -40,6 +40,7 @@ from agent.controller.protocol import (
 )
 from agent.controller.store import ArtifactStore
 from agent.mqtt_client import Message, MqttClient, MqttError
+from agent.pacing import RateLimiter
 
 log = logging.getLogger("agent.controller.server")
 
@@ -183,32 +184,6 @@ class _BlobCache:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._open.clear()
-
-
-class RateLimiter:
-    """Spaces answers so this controller sends at most ``bytes_per_s`` (0: no limit).
-
-    Operators use it to keep fleet downloads from saturating a shared uplink.
-    """
-
-    def __init__(self, bytes_per_s: int) -> None:
-        self.bytes_per_s = bytes_per_s
-        self._next_free = 0.0
-
-    def delay(self) -> float:
-        """Seconds until an answer asked for now could go out."""
-        if self.bytes_per_s <= 0:
-            return 0.0
-        return max(self._next_free - time.monotonic(), 0.0)
-
-    async def take(self, count: int) -> None:
-        if self.bytes_per_s <= 0:
-            return
-        now = time.monotonic()
-        start = max(self._next_free, now)
-        self._next_free = start + count / self.bytes_per_s
-        if start > now:
-            await asyncio.sleep(start - now)
 
 
 class ChunkServer:

@@ -45,6 +45,7 @@ from agent.background import BackgroundThread, run_in_background
 from agent.errors import AgentError
 from agent.fleet.deployment import DeploymentFile, DigestMismatchError, load_strict_json
 from agent.mqtt_client import Message, MqttClient
+from agent.pacing import RateLimiter
 from agent.state_store import fsync_dir, write_atomically
 
 log = logging.getLogger("agent.fleet.download")
@@ -468,6 +469,7 @@ class DownloadSettings:
     window: int = 16
     retries: int = 8  # per chunk, counted only while online
     retry_backoff_s: float = 0.2
+    max_bytes_per_s: int = 0  # chunk requests are spaced to this rate (0: no cap)
 
 
 ProgressCallback = Callable[[int, int], None]  # (bytes on disk, total)
@@ -533,6 +535,7 @@ class Downloader:
         self.requests = 0  # chunk requests sent (for tests and benchmarks)
         self.hashed_in_transfer = 0  # bytes hashed while the transfer still ran
         self.window = AdaptiveWindow(settings.window)
+        self._pace = RateLimiter(settings.max_bytes_per_s)
 
     async def download(self, targets: Sequence[tuple[DeploymentFile, Path]]) -> None:
         """Make every destination hold its artifact (verified by SHA-256)."""
@@ -618,6 +621,7 @@ class Downloader:
         failures = 0
         while True:
             await self.fetcher.wait_online()
+            await self._pace.take(length)
             self.requests += 1
             taken = await self.window.acquire()
             timed_out = False

@@ -157,7 +157,10 @@ class UpdaterSettings:
                 execution_providers=runtime.execution_providers,
             ),
             download=DownloadSettings(
-                chunk_bytes=fleet.chunk_bytes, window=fleet.window, retries=fleet.chunk_retries
+                chunk_bytes=fleet.chunk_bytes,
+                window=fleet.window,
+                retries=fleet.chunk_retries,
+                max_bytes_per_s=fleet.max_download_bytes_per_s,
             ),
             chunk_timeout_s=fleet.chunk_timeout_s,
             download_timeout_s=fleet.download_timeout_s,

@@ -289,6 +289,7 @@ def measure_update(
     size: int,
     clients: int,
     chunk_bytes: int,
+    max_bytes_per_s: int = 0,
 ) -> UpdateResult:
     import threading
 
@@ -341,6 +342,7 @@ def measure_update(
                 "probation_min_requests": 1_000_000_000,
                 "max_model_bytes": 2 * size + 10 * MB,
                 "chunk_bytes": chunk_bytes,
+                "max_download_bytes_per_s": max_bytes_per_s,
             },
         },
     )
@@ -435,10 +437,14 @@ def measure_update(
     )
 
 
-def print_update(result: UpdateResult, size_mb: int, clients: int, chunk_bytes: int) -> None:
+def print_update(
+    result: UpdateResult, size_mb: int, clients: int, chunk_bytes: int, max_bytes_per_s: int
+) -> None:
+    cap = f", download capped at {max_bytes_per_s / MB:g} MB/s" if max_bytes_per_s else ""
     print()
     print(
-        f"Update of tabular_classifier 2 -> 3 ({size_mb} MB, {chunk_bytes // 1024} KiB chunks), "
+        f"Update of tabular_classifier 2 -> 3 ({size_mb} MB, {chunk_bytes // 1024} KiB chunks"
+        f"{cap}), "
         f"{clients} tritonclient threads of closed-loop load; job {result.status}, "
         f"{result.failures} failed requests"
     )
@@ -483,6 +489,12 @@ def main() -> int:
         type=int,
         default=MIB,
         help="the agent's fleet.chunk_bytes in the update (default 1 MiB, the agent's own)",
+    )
+    parser.add_argument(
+        "--update-max-bytes-per-s",
+        type=int,
+        default=0,
+        help="the agent's fleet.max_download_bytes_per_s in the update (default 0: no cap)",
     )
     # internal: the raw publisher child process
     parser.add_argument("--raw-publisher", action="store_true", help=argparse.SUPPRESS)
@@ -573,6 +585,7 @@ def main() -> int:
                     size,
                     args.clients,
                     args.update_chunk_bytes,
+                    args.update_max_bytes_per_s,
                 )
             stopped = controller.stop()
         finally:
@@ -599,7 +612,10 @@ def main() -> int:
         f"setting); controller served {stopped['chunks'] if stopped else '?'} chunks"
     )
     if update is not None:
-        print_update(update, args.size_mb, args.clients, args.update_chunk_bytes)
+        print_update(
+            update, args.size_mb, args.clients, args.update_chunk_bytes,
+            args.update_max_bytes_per_s,
+        )
     return 0
 
 
