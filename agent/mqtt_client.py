@@ -1,11 +1,9 @@
 """The one module that imports paho-mqtt: an asyncio facade over its client.
 
 paho runs its network loop on its own thread; every callback from that thread
-is handed to the asyncio loop, in order, so the rest of the agent (and the
-controller) only sees coroutines and a message queue. The hand-offs are
-batched: the loop is woken only when no wake-up is pending already, because
-each wake-up is a system call after which the paho thread must win the GIL
-back before it reads on (a 1 MiB chunk download is dozens of messages a second).
+is handed to the asyncio loop, in order (``LoopCalls``: one wake-up per burst;
+a 1 MiB chunk download is dozens of messages a second), so the rest of the
+agent (and the controller) only sees coroutines and a message queue.
 MQTT v5 only; persistent sessions (clean_start false + session expiry) so QoS 1
 messages wait at the broker while a device is away.
 """
@@ -20,7 +18,6 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +26,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from agent.loop_calls import LoopCalls
 
 log = logging.getLogger("agent.mqtt")
 
@@ -115,9 +114,7 @@ class MqttClient:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_socket_open = _disable_nagle
         self._lock = threading.Lock()
-        # Calls from the paho thread waiting for the loop (see _call).
-        self._handoff: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
-        self._wake_pending = False
+        self._calls: LoopCalls | None = None  # paho thread -> loop, made by start()
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._early: dict[int, Exception | None] = {}  # acks that beat their registration
         self._unwaited: set[int] = set()  # mids published without waiting for the ack
@@ -137,6 +134,9 @@ class MqttClient:
     async def start(self) -> None:
         """Begin connecting in the background; reconnects forever until ``stop``."""
         self._loop = asyncio.get_running_loop()
+        # No eventfd: callbacks may come until paho's thread is joined, and a client
+        # that is never stopped would keep the descriptor.
+        self._calls = LoopCalls(self._loop, eventfd=False)
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.settings.session_expiry_s
         self._client.connect_async(
@@ -254,29 +254,9 @@ class MqttClient:
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
         """From the paho thread: have ``fn(*args)`` run on the loop, after earlier calls."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        self._handoff.append((fn, args))
-        if not self._wake_pending:
-            self._wake_pending = True
-            with contextlib.suppress(RuntimeError):  # loop closing
-                loop.call_soon_threadsafe(self._run_handoff)
-
-    def _run_handoff(self) -> None:
-        # Cleared before draining: a call appended after this either runs below
-        # or finds the flag clear and wakes the loop again.
-        self._wake_pending = False
-        handoff = self._handoff
-        while handoff:
-            fn, args = handoff.popleft()
-            try:
-                fn(*args)
-            except Exception as error:  # as the loop does for a failing callback
-                assert self._loop is not None
-                self._loop.call_exception_handler(
-                    {"message": "mqtt callback failed", "exception": error}
-                )
+        calls = self._calls
+        if calls is not None:
+            calls.call(fn, *args)  # False once the loop has closed: nobody waits then
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:

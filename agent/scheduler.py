@@ -19,8 +19,6 @@ concatenation and output serialisation all happen on worker threads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import queue
 import threading
 import time
@@ -41,6 +39,7 @@ from agent.errors import (
     QueueFullError,
 )
 from agent.inference import Array, DecodedRequest, OutputTensor
+from agent.loop_calls import LoopCalls
 from agent.model_config import ModelSpec
 from agent.onnx_runtime import OnnxSession
 from agent.stats import ExecutionTimings, ModelStats
@@ -111,20 +110,13 @@ OnDone = Callable[[Any, BaseException | None], None]
 class Workers:
     """A model's inference threads (one per instance) and the way back to the loop.
 
-    Jobs go in through a SimpleQueue. Outcomes come back in bursts: a worker
-    appends its outcome to a deque and wakes the loop only if no wake-up is
-    pending yet; the loop then hands out every outcome queued by that time. Per
-    request that costs one queue put and at most one loop wake-up, where
+    Jobs go in through a SimpleQueue. Outcomes come back in bursts through
+    ``LoopCalls`` (an eventfd wake-up only when none is pending). Per request
+    that costs one queue put and at most one loop wake-up, where
     ThreadPoolExecutor + wrap_future costs a concurrent Future, a work item,
     chained callbacks and a wake-up per future (measured by
     tests/bench/bench_serving.py: this hop is the agent's largest per-request
-    cost on small models).
-
-    The wake-up is an eventfd the loop watches (add_reader): one write on the
-    worker, one read on the loop. call_soon_threadsafe's self-pipe costs the
-    loop a handle more and a failing recv per wake-up (about 10 us per round
-    trip at concurrency 1); it remains the fallback where eventfd or add_reader
-    is not available. The eventfd is closed once every thread has exited.
+    cost on small models). The eventfd is closed once every thread has exited.
     """
 
     def __init__(self, count: int, name: str) -> None:
@@ -132,12 +124,9 @@ class Workers:
         self._name = name
         self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], OnDone] | None]
         self._jobs = queue.SimpleQueue()
-        self._done: deque[tuple[OnDone, Any, BaseException | None]] = deque()
-        self._wake_pending = False
+        self._calls: LoopCalls | None = None  # made by start(), on the loop
         self._closed = False
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[threading.Thread] = []
-        self._wake_fd = -1  # eventfd the loop reads; -1: call_soon_threadsafe
         self._exited = 0
         self._exit_lock = threading.Lock()
 
@@ -148,14 +137,7 @@ class Workers:
     def start(self, body: Callable[[], None]) -> None:
         """Start the threads running ``body`` (once; call on the loop's thread)."""
         if not self._threads:  # started on first use, like ThreadPoolExecutor's
-            self._loop = loop = asyncio.get_running_loop()
-            if hasattr(os, "eventfd"):
-                fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                try:
-                    loop.add_reader(fd, self._on_wake)
-                    self._wake_fd = fd
-                except NotImplementedError:  # a loop without add_reader
-                    os.close(fd)
+            self._calls = LoopCalls(asyncio.get_running_loop())
             for i in range(self._count):
                 thread = threading.Thread(
                     target=self._run, args=(body,), name=f"{self._name}_{i}", daemon=True
@@ -182,19 +164,8 @@ class Workers:
 
         Returns False if the loop has closed (nobody is waiting any more).
         """
-        self._done.append((on_done, result, exc))
-        if not self._wake_pending:
-            self._wake_pending = True
-            if self._wake_fd >= 0:
-                os.eventfd_write(self._wake_fd, 1)
-                return True
-            loop = self._loop
-            assert loop is not None
-            try:
-                loop.call_soon_threadsafe(self._deliver)
-            except RuntimeError:  # the loop has closed
-                return False
-        return True
+        assert self._calls is not None
+        return self._calls.call(on_done, result, exc)
 
     def _run(self, body: Callable[[], None]) -> None:
         try:
@@ -203,20 +174,8 @@ class Workers:
             with self._exit_lock:
                 self._exited += 1
                 last = self._exited == len(self._threads)
-            if last and self._wake_fd >= 0:
-                self.post(self._close_wake_fd, None, None)
-
-    def _on_wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):  # already read by an earlier wake-up
-            os.eventfd_read(self._wake_fd)
-        self._deliver()
-
-    def _close_wake_fd(self, _result: None, _exc: BaseException | None) -> None:
-        # On the loop thread, after the last worker thread's last post.
-        fd, self._wake_fd = self._wake_fd, -1
-        if fd >= 0 and self._loop is not None:
-            self._loop.remove_reader(fd)
-            os.close(fd)
+            if last and self._calls is not None:  # runs after its last post
+                self._calls.call(self._calls.close)
 
     def _work(self) -> None:
         jobs = self._jobs
@@ -232,21 +191,6 @@ class Workers:
                     outcome = post(on_done, None, exc)
             if not outcome:
                 return
-
-    def _deliver(self) -> None:
-        # Cleared before draining: an outcome appended after this point either is
-        # drained below or finds the flag clear and schedules another delivery.
-        self._wake_pending = False
-        done = self._done
-        while done:
-            on_done, result, exc = done.popleft()
-            try:
-                on_done(result, exc)
-            except Exception as error:
-                assert self._loop is not None
-                self._loop.call_exception_handler(
-                    {"message": "inference completion callback failed", "exception": error}
-                )
 
 
 class Scheduler:
