@@ -231,12 +231,12 @@ class ModelManager:
         if prepared is not None and version is not None and self._can_serve(prepared):
             handed[str(version)] = prepared
         elif prepared is not None:
-            self._free(prepared)
+            self.free(prepared)
         try:
             return await self._activate(name, version, handed)
         finally:
             for unused in handed.values():  # not taken: serving already, or an error
-                self._free(unused)
+                self.free(unused)
 
     async def _activate(
         self, name: str, version: int | None, handed: dict[str, OnnxSession]
@@ -305,7 +305,11 @@ class ModelManager:
             and session.options.execution_providers == wanted.execution_providers
         )
 
-    def _free(self, session: OnnxSession) -> None:
+    def free(self, session: OnnxSession | None) -> None:
+        """Release a session that will not serve (hundreds of MB for a large model)
+        on a worker thread, not on the loop; ``close`` waits for it."""
+        if session is None:
+            return
         task = asyncio.get_running_loop().create_task(asyncio.to_thread(session.close))
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
@@ -363,7 +367,7 @@ class ModelManager:
                 )
             except AgentError as exc:
                 if session is not None:
-                    self._free(session)
+                    self.free(session)
                 log.error(
                     "model version not loaded",
                     extra={"model": model.name, "version": version, "reason": str(exc)},

@@ -759,7 +759,7 @@ class Updater:
         try:
             complete_config(declared, deployment.model_name, result.inputs, result.outputs, 1)
         except AgentError as exc:
-            self._free_session(result.session)
+            self.models.free(result.session)
             raise JobFailure(Reason.VALIDATION_FAILED, str(exc)) from None
         log.info("staged version validated",
                  extra={"model": deployment.model_name, "version": deployment.model_version,
@@ -768,13 +768,9 @@ class Updater:
             await self._transition(Event.VALIDATION_PASSED)
             failpoint("validated", deployment.sequence)
         except BaseException:
-            self._free_session(result.session)
+            self.models.free(result.session)
             raise
         return result.session
-
-    def _free_session(self, session: OnnxSession | None) -> None:
-        if session is not None:  # hundreds of MB for a large model: freed off the loop
-            self._spawn(asyncio.to_thread(session.close))
 
     # -- activation -----------------------------------------------------------
 
@@ -785,7 +781,7 @@ class Updater:
         try:
             await self._install_version(deployment)
         except BaseException:
-            self._free_session(validated)
+            self.models.free(validated)
             raise
         name, version = deployment.model_name, deployment.model_version
         try:
