@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -85,7 +86,7 @@ class MqttClient:
     def __init__(self, settings: MqttSettings, will: Will | None = None) -> None:
         self.settings = settings
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client = paho.Client(
+        self._client = _PahoClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
             protocol=paho.MQTTv5,
@@ -329,6 +330,93 @@ class MqttClient:
 
 
 _MISSING: Any = object()
+
+# Packets below this size take paho's own code paths unchanged.
+LARGE_PACKET_BYTES = 16 * 1024
+
+
+class _PahoClient(paho.Client):
+    """paho's client, minus its copies of large packets.
+
+    Receiving: paho 2.x decodes an MQTT v5 PUBLISH by re-slicing everything after
+    each field it reads, so the topic, the packet id and every property each copy
+    the whole payload again. For a 1 MiB chunk answer (correlation data, expiry,
+    four user properties) that is about 17 fresh 1 MiB buffers, 2.3 ms per chunk
+    against 0.03 ms for one copy. Here paho decodes a copy of the header alone,
+    as it would the whole packet, and the payload is copied once and put back on
+    the message before any callback sees it. QoS 2 (kept by paho until PUBREL)
+    takes paho's own path.
+
+    Sending: paho slices the rest of an outgoing packet before every send(), a
+    fresh copy of up to the whole packet each time the socket takes part of it.
+    A large packet is queued as a memoryview instead, whose slices copy nothing.
+    """
+
+    payloads_split = 0  # large PUBLISH packets received on this path (tests check it)
+    packets_viewed = 0  # large packets queued as views (tests check it)
+    _split_payload: bytes | None = None
+
+    def _packet_queue(
+        self,
+        command: int,
+        packet: bytes | bytearray,
+        mid: int,
+        qos: int,
+        info: paho.MQTTMessageInfo | None = None,
+    ) -> MQTTErrorCode:
+        if len(packet) >= LARGE_PACKET_BYTES:
+            self.packets_viewed += 1
+            view: Any = memoryview(packet)  # paho only len()s, slices and send()s it
+            return super()._packet_queue(command, view, mid, qos, info)
+        return super()._packet_queue(command, packet, mid, qos, info)
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        qos = (self._in_packet["command"] & 0x06) >> 1
+        if len(packet) < LARGE_PACKET_BYTES or qos == 2 or self._protocol != paho.MQTTv5:
+            return super()._handle_publish()
+        start = publish_payload_offset(packet, qos)
+        self._split_payload = bytes(memoryview(packet)[start:])
+        self._in_packet["packet"] = packet[:start]
+        self.payloads_split += 1
+        try:
+            return super()._handle_publish()
+        finally:
+            self._split_payload = None
+
+    def _handle_on_message(self, message: paho.MQTTMessage) -> None:
+        if self._split_payload is not None:
+            message.payload = self._split_payload
+        super()._handle_on_message(message)
+
+
+def publish_payload_offset(body: bytes | bytearray, qos: int) -> int:
+    """Where the payload starts in an MQTT v5 PUBLISH ``body`` (all after the fixed header).
+
+    Topic (2-byte length + bytes), packet id when ``qos`` > 0, then the
+    properties (variable byte integer length + bytes). Raises paho's
+    MalformedPacket, which paho reports as a protocol error, if the header runs
+    past the end.
+    """
+    end = len(body)
+    if end < 2:
+        raise MalformedPacket("PUBLISH too short for its topic length")
+    pos = 2 + int.from_bytes(body[0:2], "big") + (2 if qos else 0)
+    length = 0
+    for shift in (0, 7, 14, 21):
+        if pos >= end:
+            raise MalformedPacket("PUBLISH ends inside its header")
+        byte = body[pos]
+        pos += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+    else:
+        raise MalformedPacket("PUBLISH property length over 4 bytes")
+    pos += length
+    if pos > end:
+        raise MalformedPacket("PUBLISH properties run past its end")
+    return pos
 
 
 class _NamedServerContext(ssl.SSLContext):

@@ -15,6 +15,7 @@ from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.allocator import keep_large_buffers
 from agent.controller import rollout as ro
 from agent.controller.config import ControllerConfig
 from agent.controller.follower import observations
@@ -33,8 +34,9 @@ CONNECT_LOG_INTERVAL_S: Final = 10.0
 
 
 class ControllerService:
-    def __init__(self, config: ControllerConfig) -> None:
+    def __init__(self, config: ControllerConfig, allocator_tuned: bool = False) -> None:
         self.config = config
+        self.allocator_tuned = allocator_tuned  # reported in the ``serving`` event
         self.store = ArtifactStore(config.store_dir)
         self.client = MqttClient(config.broker)
         self.server = ChunkServer(
@@ -150,6 +152,7 @@ class ControllerService:
                     "client_id": self.config.broker.client_id,
                     "subscription": self.server.subscription,
                     "store": str(self.config.store_dir),
+                    "allocator_tuned": self.allocator_tuned,
                 },
             )
             consumer = asyncio.create_task(self._consume())
@@ -177,7 +180,9 @@ def _load_key(config: ControllerConfig) -> ec.EllipticCurvePrivateKey:
 
 
 async def serve(config: ControllerConfig) -> None:
-    service = ControllerService(config)
+    # Process-wide, so here in the composition root rather than in the service.
+    allocator_tuned = keep_large_buffers(config.max_chunk_bytes)
+    service = ControllerService(config, allocator_tuned=allocator_tuned)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
