@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.fleet import downloader as downloader_module
 from agent.fleet.deployment import DeploymentFile, DigestMismatchError
 from agent.fleet.downloader import (
     ArtifactNotFoundError,
@@ -286,6 +287,32 @@ def test_a_download_resumes_from_the_durable_ranges(tmp_path: Path) -> None:
     run(Downloader(tmp_path / "dl", fetcher, one).download([(f, tmp_path / "o" / "m")]))
     assert (tmp_path / "o" / "m").read_bytes() == data
     assert [offset for _, offset, _ in fetcher.requests] == list(range(12_000, 20_000, 1000))
+
+
+def test_a_fast_download_records_its_durable_ranges_every_few_mib_not_only_on_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints also come every CHECKPOINT_EVERY_BYTES: a fast download loses at most
+    that much to a crash, and the last fsync before the digest check stays short."""
+    monkeypatch.setattr(downloader_module, "CHECKPOINT_EVERY_S", 3600.0)  # bytes alone
+    mib = 1024 * 1024
+    every = downloader_module.CHECKPOINT_EVERY_BYTES
+    data = os.urandom(2 * every + 4 * mib)
+    f = artifact("model.onnx", data)
+    fetcher = MemoryFetcher({f.sha256: data})
+    seen: list[int] = []  # bytes the ranges record claimed, at each late request
+
+    def look(sha: str, offset: int, length: int, chunk: bytes) -> bytes:
+        ranges = tmp_path / "dl" / f"{f.sha256}.ranges"
+        if offset >= 2 * every and ranges.exists():
+            seen.append(sum(b - a for a, b in json.loads(ranges.read_text())["done"]))
+        return chunk
+
+    fetcher.hook = look
+    settings = DownloadSettings(chunk_bytes=mib, window=2, retries=0)
+    run(Downloader(tmp_path / "dl", fetcher, settings).download([(f, tmp_path / "o" / "m")]))
+    assert (tmp_path / "o" / "m").read_bytes() == data
+    assert seen and max(seen) >= every, seen
 
 
 def test_a_ranges_file_that_does_not_fit_is_ignored(tmp_path: Path) -> None:

@@ -56,6 +56,7 @@ CHUNK_REQUEST_SCHEMA: Final = "edge.chunk_request"
 RANGES_SCHEMA: Final = "edge.partial_download"
 MAX_JSON_BYTES: Final = 64 * 1024
 CHECKPOINT_EVERY_S: Final = 0.5
+CHECKPOINT_EVERY_BYTES: Final = 16 * 1024 * 1024
 HASH_BLOCK: Final = 1024 * 1024
 
 
@@ -244,9 +245,15 @@ class PartialFile:
 
     async def checkpoint(self, force: bool = False) -> None:
         """fsync the data, then record the ranges that are now durable."""
-        if not force and time.monotonic() - self._last_checkpoint < CHECKPOINT_EVERY_S:
+        if (
+            not force
+            and time.monotonic() - self._last_checkpoint < CHECKPOINT_EVERY_S
+            and self.written.total() - self.durable.total() < CHECKPOINT_EVERY_BYTES
+        ):
             return
         assert self._checkpointing is not None
+        if self._checkpointing.locked() and not force:
+            return  # one is under way; the next call after it catches up
         async with self._checkpointing:
             self._last_checkpoint = time.monotonic()
             snapshot = RangeSet(self.written.ranges)
