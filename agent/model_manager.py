@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.background import call_in_background
+from agent.buffers import FileBytes
 from agent.errors import AgentError, ModelNotFoundError, ModelNotReadyError
 from agent.model_config import ModelSpec, complete_config, model_spec, parse_config_pbtxt
 from agent.onnx_runtime import (
@@ -48,7 +49,7 @@ from agent.wire import model_config_pb2 as mc
 log = logging.getLogger("agent.models")
 
 # (version directory, file name inside it) -> the file's verified bytes.
-ModelReader = Callable[[Path, str], bytes]
+ModelReader = Callable[[Path, str], FileBytes]
 
 READY = "READY"
 UNAVAILABLE = "UNAVAILABLE"

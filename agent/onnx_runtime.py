@@ -24,6 +24,7 @@ from typing import Any, Final
 import numpy as np
 import onnxruntime as ort
 
+from agent.buffers import FileBytes, as_bytes
 from agent.datatypes import NUMPY_DTYPES
 from agent.errors import ModelConfigError
 
@@ -60,19 +61,19 @@ _ORT_FORMAT_ID: Final = b"ORTM"  # flatbuffer file identifier of .ort models (by
 
 
 @contextlib.contextmanager
-def _sealed_model_path(model_bytes: bytes) -> Iterator[bytes | str]:
+def _sealed_model_path(model_bytes: FileBytes) -> Iterator[bytes | str]:
     """``/proc/self/fd/N`` of a sealed memfd holding ``model_bytes`` (else the bytes)."""
     if (
         not hasattr(os, "memfd_create")
         or model_bytes[4:8] == _ORT_FORMAT_ID  # told apart by extension when from a path
         or not os.path.isdir("/proc/self/fd")
     ):
-        yield model_bytes
+        yield as_bytes(model_bytes)  # onnxruntime takes bytes or a path
         return
     try:
         fd = os.memfd_create("edge-model", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     except OSError:
-        yield model_bytes
+        yield as_bytes(model_bytes)
         return
     try:
         view = memoryview(model_bytes)
@@ -191,7 +192,7 @@ def zero_inputs(tensors: Sequence[GraphTensor]) -> dict[str, np.ndarray[Any, Any
 class OnnxSession:
     """An onnxruntime session; ``run`` is thread-safe and blocks (call it off the loop)."""
 
-    def __init__(self, model_bytes: bytes, options: SessionOptions) -> None:
+    def __init__(self, model_bytes: FileBytes, options: SessionOptions) -> None:
         missing = [p for p in options.execution_providers if p not in available_providers()]
         if missing:
             raise ModelConfigError(

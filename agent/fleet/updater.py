@@ -50,6 +50,7 @@ from typing import Any, Final
 
 from agent import __version__
 from agent.background import run_in_background
+from agent.buffers import FileBytes, release
 from agent.config import AgentConfig
 from agent.errors import AgentError, VerificationError
 from agent.fleet import lifecycle
@@ -696,7 +697,7 @@ class Updater:
 
     async def _verify_staged(
         self, deployment: Deployment, load: tuple[str, ...]
-    ) -> dict[str, bytes]:
+    ) -> dict[str, FileBytes]:
         """Model signature + every file + no mix-and-match; the verified bytes of ``load``."""
         if self._model_trust is None:
             raise JobFailure("trust_store_invalid", self._trust_error or "no model trust store")
@@ -756,6 +757,10 @@ class Updater:
             )
         except AgentError as exc:
             raise JobFailure(Reason.VALIDATION_FAILED, str(exc)) from None
+        finally:
+            # The session holds its own copy. Hundreds of MB go back to the kernel
+            # here: on a thread, not on the loop at the moment of the switch.
+            await asyncio.shield(asyncio.to_thread(_release_all, model_bytes, *contents.values()))
         try:
             complete_config(declared, deployment.model_name, result.inputs, result.outputs, 1)
         except AgentError as exc:
@@ -1164,3 +1169,8 @@ def _fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(directory))
+
+
+def _release_all(*buffers: FileBytes) -> None:
+    for buffer in buffers:
+        release(buffer)

@@ -32,6 +32,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from agent.buffers import FileBytes, as_bytes
 from agent.errors import AgentError
 from agent.onnx_runtime import GraphTensor, OnnxSession, SessionOptions, zero_inputs
 
@@ -67,13 +68,13 @@ class Tolerance:
     atol: float = DEFAULT_ATOL
 
 
-def _parse_spec(data: bytes | None) -> tuple[Tolerance, dict[str, Tolerance]]:
+def _parse_spec(data: FileBytes | None) -> tuple[Tolerance, dict[str, Tolerance]]:
     if data is None:
         return Tolerance(), {}
     if len(data) > MAX_SPEC_BYTES:
         raise ValidationFailedError(f"{SPEC_FILE} is larger than {MAX_SPEC_BYTES} bytes")
     try:
-        doc = json.loads(data)
+        doc = json.loads(as_bytes(data))
         if not isinstance(doc, dict):
             raise ValueError("not a JSON object")
         if doc.get("schema") != SPEC_SCHEMA or doc.get("version") != 1:
@@ -103,7 +104,7 @@ def _tolerance(obj: Any, default: Tolerance) -> Tolerance:
     return Tolerance(**values)
 
 
-def _load_vectors(data: bytes) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
+def _load_vectors(data: FileBytes) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, Any]]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
@@ -173,8 +174,8 @@ def _compare(
 
 
 def validate_model(
-    model_bytes: bytes,
-    files: Mapping[str, bytes],
+    model_bytes: FileBytes,
+    files: Mapping[str, FileBytes],
     options: SessionOptions,
 ) -> ValidationResult:
     """Blocking. ``files``: the verified validation files present (by name)."""

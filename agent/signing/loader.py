@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agent.buffers import FileBytes
 from agent.errors import ConfigError
 from agent.model_manager import ModelReader
 from agent.signing.keys import TrustStore
@@ -25,7 +26,7 @@ def load_trust_store(trust_dir: Path) -> TrustStore:
 def signed_reader(trust_dir: Path) -> ModelReader:
     trust = load_trust_store(trust_dir)
 
-    def read_verified(version_dir: Path, filename: str) -> bytes:
+    def read_verified(version_dir: Path, filename: str) -> FileBytes:
         return verify_version(version_dir, trust, load=(filename,)).contents[filename]
 
     return read_verified

@@ -41,6 +41,7 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.buffers import FileBytes, read_whole
 from agent.errors import VerificationError
 from agent.signing import oms
 from agent.signing.keys import TrustStore
@@ -106,7 +107,7 @@ class VerifiedVersion:
     manifest: Mapping[str, str]  # relative path -> SHA-256 hex, as signed
     key_id: str  # id of the trusted key that signed it
     model_name: str  # subject name in the signed statement (informative)
-    contents: Mapping[str, bytes] = field(default_factory=dict)  # the verified bytes of `load`
+    contents: Mapping[str, FileBytes] = field(default_factory=dict)  # verified bytes of `load`
     ignored: tuple[str, ...] = ()  # entries present but excluded by the signer
     total_bytes: int = 0  # bytes hashed
 
@@ -198,11 +199,6 @@ def _hash_stream(
     return hasher.hexdigest(), total
 
 
-def _read_whole(fd: int) -> bytes:
-    with open(fd, "rb", buffering=0, closefd=False) as handle:
-        return handle.readall()
-
-
 def _hash_file(
     root_fd: int, rel: str, buffer: bytearray, progress: Callable[[int], None] | None = None
 ) -> tuple[str, int]:
@@ -213,10 +209,10 @@ def _hash_file(
         raise FileReadError(f"{rel}: cannot read: {exc.strerror}") from None
 
 
-def _load_file(root_fd: int, rel: str) -> bytes:
+def _load_file(root_fd: int, rel: str) -> FileBytes:
     try:
         with _fd(_open_beneath(root_fd, rel)) as fd:
-            return _read_whole(fd)
+            return read_whole(fd)
     except OSError as exc:
         raise FileReadError(f"{rel}: cannot read: {exc.strerror}") from None
 
@@ -352,7 +348,7 @@ def verify_version(
 
         oms.check_file_set(manifest, files.keys(), digest_of)
 
-        contents: dict[str, bytes] = {}
+        contents: dict[str, FileBytes] = {}
         total = 0
         for rel in sorted(manifest, key=oms.path_sort_key):
             if rel in load:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+from agent.buffers import as_bytes
 from agent.telemetry.drift import (
     Band,
     DriftThresholds,
@@ -145,7 +146,7 @@ class TelemetryService:
         if not (directory / PROFILE_FILENAME).is_file():
             return None
         data = self._reader(directory, PROFILE_FILENAME)  # verified with the model's signature
-        return parse_profile(data, f"{directory / PROFILE_FILENAME}")
+        return parse_profile(as_bytes(data), f"{directory / PROFILE_FILENAME}")
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
