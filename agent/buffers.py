@@ -14,7 +14,12 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import time
 from typing import Final, TypeAlias
+
+# release() hands memory back in pieces of this size, pausing between them.
+RELEASE_PIECE_BYTES: Final = 4 * 1024 * 1024
+RELEASE_PAUSE_S: Final = 0.001
 
 # Below this a plain bytes object: its free is short and it is what callers expect.
 MAPPED_FROM_BYTES: Final = 8 * 1024 * 1024
@@ -50,11 +55,20 @@ def read_whole(fd: int) -> FileBytes:
 def release(data: FileBytes | None) -> None:
     """Blocking (call it off the loop): give a mapped buffer's memory back now.
 
-    Any later use of that buffer raises ValueError. Bytes are left to the
-    garbage collector: they are small (below MAPPED_FROM_BYTES) or shared.
+    A piece at a time, with a pause between: unmapping hundreds of MB at once
+    holds the process's memory map lock and interrupts every core running one
+    of its threads for tens of milliseconds, so serving threads that fault in a
+    page or allocate meanwhile wait that long. Any later use of the buffer
+    raises ValueError. Bytes are left to the garbage collector: they are small
+    (below MAPPED_FROM_BYTES) or shared.
     """
-    if isinstance(data, mmap.mmap):
-        data.close()
+    if not isinstance(data, mmap.mmap):
+        return
+    size = len(data)
+    for start in range(0, size - RELEASE_PIECE_BYTES, RELEASE_PIECE_BYTES):
+        data.madvise(mmap.MADV_DONTNEED, start, RELEASE_PIECE_BYTES)
+        time.sleep(RELEASE_PAUSE_S)
+    data.close()
 
 
 def as_bytes(data: FileBytes) -> bytes:
