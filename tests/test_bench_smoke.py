@@ -34,3 +34,29 @@ def test_bench_serving_quick_prints_the_table() -> None:
     assert "Targets (issue 3):" in out
     for target in ("(a)", "(b)", "(e)"):
         assert target in out
+
+
+FLEET_BENCH = REPO_ROOT / "tests" / "bench" / "bench_fleet.py"
+
+
+def test_bench_fleet_small_run_prints_the_download_table_and_every_update() -> None:
+    """A 4 MB model, one setting, two updates under load: both tables, every run's
+    ratios, each update SUCCEEDED with no failed request (its own mosquitto, controller
+    and agents, all stopped by the bench)."""
+    done = subprocess.run(
+        [
+            sys.executable, str(FLEET_BENCH), "--size-mb", "4", "--chunks", "262144",
+            "--windows", "4", "--repeat", "2", "--update-runs", "2", "--clients", "2",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    row = next(line.split() for line in out.splitlines() if line.strip().startswith("256 KiB"))
+    assert row[-1] == "agent" and float(row[3]) > 0 and row[-2] == "16", row  # 16 requests
+    assert "Active/SUCCEEDED" in out
+    assert "swap window p99/steady in 2 runs:" in out
+    assert "jobs: SUCCEEDED; failed requests in all runs: 0" in out
