@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.agent_process import REPO_ROOT
 
 BENCH = REPO_ROOT / "tests" / "bench" / "bench_serving.py"
 
 
-def test_bench_serving_quick_prints_the_table() -> None:
+def run_bench(script: Path, *args: str, timeout: float) -> str:
+    """Run a benchmark program; its stdout, after it exited 0."""
     done = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--models", "tiny"],
+        [sys.executable, str(script), *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = done.stdout
+    return done.stdout
+
+
+def test_bench_serving_quick_prints_the_table() -> None:
+    out = run_bench(BENCH, "--quick", "--models", "tiny", timeout=240)
     assert "infer/s" in out and "p50 us" in out and "RSS idle" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("tiny ")]
     servers = {(row[1], row[2]) for row in rows}
@@ -43,18 +49,12 @@ def test_bench_fleet_small_run_prints_the_download_table_and_every_update() -> N
     """A 4 MB model, one setting, two updates under load: both tables, every run's
     ratios, each update SUCCEEDED with no failed request (its own mosquitto, controller
     and agents, all stopped by the bench)."""
-    done = subprocess.run(
-        [
-            sys.executable, str(FLEET_BENCH), "--size-mb", "4", "--chunks", "262144",
-            "--windows", "4", "--repeat", "2", "--update-runs", "2", "--clients", "2",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
+    out = run_bench(
+        FLEET_BENCH,
+        *("--size-mb", "4", "--chunks", "262144", "--windows", "4", "--repeat", "2"),
+        *("--update-runs", "2", "--clients", "2"),
         timeout=300,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = done.stdout
     row = next(line.split() for line in out.splitlines() if line.strip().startswith("256 KiB"))
     assert row[-1] == "agent" and float(row[3]) > 0 and row[-2] == "16", row  # 16 requests
     assert "Active/SUCCEEDED" in out

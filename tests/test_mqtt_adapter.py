@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -18,6 +21,25 @@ from tests.fleet_device import device_settings
 from tests.mqtt_broker import MosquittoBroker
 
 MID_SPACE = 65535  # paho's message ids run 1..65535 and wrap
+
+
+@contextlib.asynccontextmanager
+async def receiver_and_sender(
+    broker: MosquittoBroker, device: str, topic: str, **sender_settings: Any
+) -> AsyncIterator[tuple[MqttClient, MqttClient]]:
+    """Two connected clients of ``device``; the first subscribed to ``topic`` (QoS 1)."""
+    receiver = MqttClient(device_settings(broker, device, client_id=f"{device}-rx"))
+    sender = MqttClient(device_settings(broker, device, **sender_settings))
+    await receiver.start()
+    await sender.start()
+    try:
+        await receiver.wait_connected(10)
+        await sender.wait_connected(10)
+        await receiver.subscribe(topic, qos=1)
+        yield receiver, sender
+    finally:
+        await sender.stop()
+        await receiver.stop()
 
 
 def test_awaited_publish_after_mid_wraparound_still_waits_for_its_own_ack(
@@ -85,14 +107,10 @@ def test_a_burst_of_messages_and_acks_reaches_the_loop_complete_and_in_order(
     topic = "edge/devices/dev-burst/health"
 
     async def scenario() -> None:
-        receiver = MqttClient(device_settings(mqtt_broker, "dev-burst", client_id="burst-rx"))
-        sender = MqttClient(device_settings(mqtt_broker, "dev-burst", max_inflight=1000))
-        await receiver.start()
-        await sender.start()
-        try:
-            await receiver.wait_connected(10)
-            await sender.wait_connected(10)
-            await receiver.subscribe(topic, qos=1)
+        async with receiver_and_sender(mqtt_broker, "dev-burst", topic, max_inflight=1000) as (
+            receiver,
+            sender,
+        ):
             sends = [
                 asyncio.create_task(sender.publish(topic, b"%d" % i, qos=1))
                 for i in range(count)
@@ -104,9 +122,6 @@ def test_a_burst_of_messages_and_acks_reaches_the_loop_complete_and_in_order(
             ]
             assert got == list(range(count))
             assert receiver.messages.empty()
-        finally:
-            await sender.stop()
-            await receiver.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
 
@@ -123,14 +138,7 @@ def test_large_messages_arrive_whole_with_their_properties_on_the_copy_saving_pa
     props = {"offset": "1048576", "total": "104857600", "status": "ok"}
 
     async def scenario() -> None:
-        receiver = MqttClient(device_settings(mqtt_broker, "dev-big", client_id="big-rx"))
-        sender = MqttClient(device_settings(mqtt_broker, "dev-big"))
-        await receiver.start()
-        await sender.start()
-        try:
-            await receiver.wait_connected(10)
-            await sender.wait_connected(10)
-            await receiver.subscribe(topic, qos=1)
+        async with receiver_and_sender(mqtt_broker, "dev-big", topic) as (receiver, sender):
             for i, payload in enumerate([big[0], b"small", *big[1:]]):
                 await sender.publish(
                     topic,
@@ -151,9 +159,6 @@ def test_large_messages_arrive_whole_with_their_properties_on_the_copy_saving_pa
             # The three large ones (and only they) took the copy-saving paths.
             assert receiver._client.payloads_split == 3
             assert sender._client.packets_viewed == 3
-        finally:
-            await sender.stop()
-            await receiver.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
