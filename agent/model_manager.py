@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.background import call_in_background
-from agent.buffers import FileBytes
+from agent.buffers import FileBytes, release
 from agent.errors import AgentError, ModelNotFoundError, ModelNotReadyError
 from agent.model_config import ModelSpec, complete_config, model_spec, parse_config_pbtxt
 from agent.onnx_runtime import (
@@ -133,12 +133,15 @@ def _load_blocking(
         session = prepared
     else:
         model_bytes = call_in_background(reader, version_dir, filename, name="model-verify")
-        if starts_no_threads(settings.session):
-            session = call_in_background(
-                OnnxSession, model_bytes, settings.session, name="model-load"
-            )
-        else:
-            session = OnnxSession(model_bytes, settings.session)
+        try:
+            if starts_no_threads(settings.session):
+                session = call_in_background(
+                    OnnxSession, model_bytes, settings.session, name="model-load"
+                )
+            else:
+                session = OnnxSession(model_bytes, settings.session)
+        finally:
+            release(model_bytes)  # a large model's: in pieces, here off the loop
     if warm_up:
         _warm_up(session, model.name, version)
     config = complete_config(
