@@ -112,21 +112,28 @@ class Rig:
         assert self.agent is not None
         pinned = (self.state_file()["models"].get(MODEL) or {}).get("active")
         served = None
+        last_error = ""
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:  # serving; a resumed activation may be mid-swap
             try:
                 served = infer_k(self.agent.address)
-            except Exception:
+            except Exception as exc:
+                last_error = repr(exc)
                 time.sleep(0.05)
                 continue
+            last_error = ""
             pinned_now = (self.state_file()["models"].get(MODEL) or {}).get("active")
             if pinned_now is None or served == float(pinned_now):
                 break
             time.sleep(0.05)
-        assert served is not None, f"{where}: nothing serves {MODEL}"
+        # On failure: what the last request got, and the agent's own account.
+        context = f"last request: {last_error or 'answered'}\n{self.agent.log_text()[-6000:]}"
+        assert served is not None, f"{where}: nothing serves {MODEL}\n{context}"
         pinned = (self.state_file()["models"].get(MODEL) or {}).get("active", pinned)
         if pinned is not None:
-            assert served == float(pinned), f"{where}: serves {served}, state pins {pinned}"
+            assert served == float(pinned), (
+                f"{where}: serves {served}, state pins {pinned}\n{context}"
+            )
         assert repository_problems(self.repository, lambda p: verify_version(p, self.trust)) \
             == [], where
         return served
