@@ -122,14 +122,16 @@ class Rig:
                 time.sleep(0.05)
                 continue
             last_error = ""
-            pinned_now = (self.state_file()["models"].get(MODEL) or {}).get("active")
-            if pinned_now is None or served == float(pinned_now):
+            # The pin read right after this answer: the pair the assertion below
+            # compares. Not re-read after the loop: a resumed activation may switch
+            # and persist the new pin in between (served 2, then pins 3).
+            pinned = (self.state_file()["models"].get(MODEL) or {}).get("active")
+            if pinned is None or served == float(pinned):
                 break
             time.sleep(0.05)
         # On failure: what the last request got, and the agent's own account.
         context = f"last request: {last_error or 'answered'}\n{self.agent.log_text()[-6000:]}"
         assert served is not None, f"{where}: nothing serves {MODEL}\n{context}"
-        pinned = (self.state_file()["models"].get(MODEL) or {}).get("active", pinned)
         if pinned is not None:
             assert served == float(pinned), (
                 f"{where}: serves {served}, state pins {pinned}\n{context}"
