@@ -52,8 +52,8 @@ def read_whole(fd: int) -> FileBytes:
     return buffer
 
 
-def release(data: FileBytes | None) -> None:
-    """Blocking (call it off the loop): give a mapped buffer's memory back now.
+def release(*buffers: FileBytes | None) -> None:
+    """Blocking (call it off the loop): give mapped buffers' memory back now.
 
     A piece at a time, with a pause between: unmapping hundreds of MB at once
     holds the process's memory map lock and interrupts every core running one
@@ -62,13 +62,13 @@ def release(data: FileBytes | None) -> None:
     raises ValueError. Bytes are left to the garbage collector: they are small
     (below MAPPED_FROM_BYTES) or shared.
     """
-    if not isinstance(data, mmap.mmap):
-        return
-    size = len(data)
-    for start in range(0, size - RELEASE_PIECE_BYTES, RELEASE_PIECE_BYTES):
-        data.madvise(mmap.MADV_DONTNEED, start, RELEASE_PIECE_BYTES)
-        time.sleep(RELEASE_PAUSE_S)
-    data.close()
+    for data in buffers:
+        if not isinstance(data, mmap.mmap):
+            continue
+        for start in range(0, len(data) - RELEASE_PIECE_BYTES, RELEASE_PIECE_BYTES):
+            data.madvise(mmap.MADV_DONTNEED, start, RELEASE_PIECE_BYTES)
+            time.sleep(RELEASE_PAUSE_S)
+        data.close()
 
 
 def as_bytes(data: FileBytes) -> bytes:

@@ -10,9 +10,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
 from agent.buffers import MAPPED_FROM_BYTES, as_bytes, read_whole, release
 from agent.fleet.validation import validate_model
@@ -20,8 +18,7 @@ from agent.onnx_runtime import OnnxSession, SessionOptions
 from agent.signing.keys import TrustStore
 from agent.signing.version_dir import verify_version
 from tests.fleet_device import make_signed_version, make_signing_keys
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "tabular_classifier" / "1" / "model.onnx"
+from tests.fleet_harness import scale_model
 
 
 def _read(path: Path) -> bytes | mmap.mmap:
@@ -30,13 +27,6 @@ def _read(path: Path) -> bytes | mmap.mmap:
         return read_whole(fd)
     finally:
         os.close(fd)
-
-
-def _padded_model(size: int) -> bytes:
-    model = onnx.load_model_from_string(EXAMPLE.read_bytes())
-    pad = np.frombuffer(os.urandom(max(size - EXAMPLE.stat().st_size, 0)), np.uint8)
-    model.graph.initializer.append(numpy_helper.from_array(pad, "padding"))
-    return model.SerializeToString()
 
 
 def test_small_files_are_bytes_and_large_ones_are_mapped_with_the_same_content(
@@ -61,7 +51,7 @@ def test_a_large_signed_model_is_verified_loaded_and_validated_from_mapped_memor
     tmp_path: Path,
 ) -> None:
     signing = make_signing_keys(tmp_path / "keys")
-    model = _padded_model(MAPPED_FROM_BYTES + 4096)
+    model = scale_model(3.0, padding=MAPPED_FROM_BYTES + 4096)
     version = make_signed_version(tmp_path / "repo", "big", 1, {"model.onnx": model}, signing)
     verified = verify_version(
         version, TrustStore.from_directory(signing.trust_dir), load=("model.onnx",)
@@ -72,6 +62,6 @@ def test_a_large_signed_model_is_verified_loaded_and_validated_from_mapped_memor
     assert result.mode == "smoke" and result.session is not None
     release(data)  # the session keeps its own copy
     session: OnnxSession = result.session
-    out = session.run([t.name for t in session.outputs], {"features": np.zeros((2, 8), np.float32)})
-    assert out[0].shape[0] == 2
+    out = session.run(["y"], {"x": np.ones((2, 4), np.float32)})
+    assert out[0].tolist() == [[3.0] * 4] * 2
     session.close()

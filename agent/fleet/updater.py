@@ -760,7 +760,7 @@ class Updater:
         finally:
             # The session holds its own copy. Hundreds of MB go back to the kernel
             # here: on a thread, not on the loop at the moment of the switch.
-            await asyncio.shield(asyncio.to_thread(_release_all, model_bytes, *contents.values()))
+            await asyncio.shield(asyncio.to_thread(release, model_bytes, *contents.values()))
         try:
             complete_config(declared, deployment.model_name, result.inputs, result.outputs, 1)
         except AgentError as exc:
@@ -1169,8 +1169,3 @@ def _fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(directory))
-
-
-def _release_all(*buffers: FileBytes) -> None:
-    for buffer in buffers:
-        release(buffer)
