@@ -382,18 +382,20 @@ def phases(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
 def repository_problems(repository: Path, verify: Callable[[Path], Any]) -> list[str]:
     """Anything in the repository that is not a complete, verifying version directory."""
     problems = []
+    # The agent may remove an old version (one atomic rename out of the repository)
+    # between this listing and any later look at the entry: gone is fine, only a
+    # stray or partial entry that is still there is a problem.
     for model in sorted(p for p in repository.iterdir() if p.is_dir()):
         for entry in sorted(model.iterdir()):
             if entry.name == "config.pbtxt":
                 continue
             if not entry.is_dir() or not entry.name.isdigit():
-                problems.append(f"unexpected entry {entry}")
+                if entry.exists() or entry.is_symlink():
+                    problems.append(f"unexpected entry {entry}")
                 continue
             try:
                 verify(entry)
             except Exception as exc:
-                # The agent may remove an old version (one atomic rename) while this
-                # check reads it: gone is fine, only a partial directory is not.
                 if entry.exists():
                     problems.append(f"{entry}: {exc}")
     return problems
