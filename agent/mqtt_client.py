@@ -29,6 +29,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.loop_calls import LoopCalls
+from agent.mqtt_codec import (
+    MalformedPublish,
+    PublishProperties,
+    decode_publish_header,
+    encode_properties,
+)
 
 log = logging.getLogger("agent.mqtt")
 
@@ -187,15 +193,18 @@ class MqttClient:
         """
         props = None
         if response_topic or correlation_data or user_properties or expiry_s is not None:
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            if expiry_s is not None:
-                props.MessageExpiryInterval = max(1, expiry_s)
-            if response_topic:
-                props.ResponseTopic = response_topic
-            if correlation_data:
-                props.CorrelationData = correlation_data
-            if user_properties:
-                props.UserProperty = list(user_properties.items())
+            try:
+                packed = encode_properties(
+                    PublishProperties(
+                        expiry_s=None if expiry_s is None else max(1, expiry_s),
+                        response_topic=response_topic or None,
+                        correlation_data=correlation_data or None,
+                        user_properties=tuple((user_properties or {}).items()),
+                    )
+                )
+            except ValueError as exc:
+                raise MqttError(f"publish to {topic}: {exc}") from None
+            props = _PackedProperties(packed)
         future = self._loop_or_fail().create_future()
         # Not under self._lock: paho calls on_publish holding its own message lock,
         # and _ack then takes ours; holding ours here while paho takes its lock
@@ -295,16 +304,17 @@ class MqttClient:
         self.connected.clear()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        props = getattr(msg, "properties", None)
+        decoded = msg.properties
+        props = decoded if isinstance(decoded, PublishProperties) else _from_paho(decoded)
         message = Message(
             topic=msg.topic,
-            payload=bytes(msg.payload),
+            payload=msg.payload,
             qos=msg.qos,
             retain=bool(msg.retain),
-            response_topic=getattr(props, "ResponseTopic", None),
-            correlation_data=getattr(props, "CorrelationData", None),
-            user_properties=dict(getattr(props, "UserProperty", None) or []),
-            expiry_s=getattr(props, "MessageExpiryInterval", None),
+            response_topic=props.response_topic,
+            correlation_data=props.correlation_data,
+            user_properties=dict(props.user_properties),
+            expiry_s=props.expiry_s,
             received=time.monotonic(),
         )
         self._call(self.messages.put_nowait, message)
@@ -331,30 +341,31 @@ class MqttClient:
 
 _MISSING: Any = object()
 
-# Packets below this size take paho's own code paths unchanged.
+# Outgoing packets below this size are queued as paho builds them.
 LARGE_PACKET_BYTES = 16 * 1024
 
 
 class _PahoClient(paho.Client):
-    """paho's client, minus its copies of large packets.
+    """paho's client, minus its copies of large packets and its slow property codec.
 
-    Receiving: paho 2.x decodes an MQTT v5 PUBLISH by re-slicing everything after
-    each field it reads, so the topic, the packet id and every property each copy
-    the whole payload again. For a 1 MiB chunk answer (correlation data, expiry,
-    four user properties) that is about 17 fresh 1 MiB buffers, 2.3 ms per chunk
-    against 0.03 ms for one copy. Here paho decodes a copy of the header alone,
-    as it would the whole packet, and the payload is copied once and put back on
-    the message before any callback sees it. QoS 2 (kept by paho until PUBREL)
-    takes paho's own path.
+    Receiving: paho 2.x decodes a PUBLISH by re-slicing everything after each
+    field it reads, so the topic, the packet id and every property each copy
+    the whole payload again (about 17 fresh 1 MiB buffers, 2.3 ms, for a 1 MiB
+    chunk answer), and its property codec takes 0.07-0.12 ms per message. Here
+    a v5 PUBLISH at QoS 0/1 is decoded by ``agent.mqtt_codec``: paho is given
+    the topic and packet id alone (it builds the message and sends the PUBACK
+    as ever), and the payload, copied out once, and the decoded properties are
+    put on its message before any callback sees it. QoS 2 (which paho keeps
+    until PUBREL) takes paho's own path.
 
     Sending: paho slices the rest of an outgoing packet before every send(), a
     fresh copy of up to the whole packet each time the socket takes part of it.
     A large packet is queued as a memoryview instead, whose slices copy nothing.
     """
 
-    payloads_split = 0  # large PUBLISH packets received on this path (tests check it)
+    publishes_decoded = 0  # PUBLISH packets decoded here, not by paho (tests check it)
     packets_viewed = 0  # large packets queued as views (tests check it)
-    _split_payload: bytes | None = None
+    _decoded: tuple[PublishProperties, bytes] | None = None
 
     def _packet_queue(
         self,
@@ -373,50 +384,50 @@ class _PahoClient(paho.Client):
     def _handle_publish(self) -> MQTTErrorCode:
         packet = self._in_packet["packet"]
         qos = (self._in_packet["command"] & 0x06) >> 1
-        if len(packet) < LARGE_PACKET_BYTES or qos == 2 or self._protocol != paho.MQTTv5:
+        if qos == 2 or self._protocol != paho.MQTTv5:
             return super()._handle_publish()
-        start = publish_payload_offset(packet, qos)
-        self._split_payload = bytes(memoryview(packet)[start:])
-        self._in_packet["packet"] = packet[:start]
-        self.payloads_split += 1
+        try:
+            header = decode_publish_header(packet, qos)
+        except MalformedPublish as exc:
+            raise MalformedPacket(str(exc)) from None  # paho: protocol error, reconnect
+        self._decoded = (header.properties, bytes(memoryview(packet)[header.payload_start :]))
+        self._in_packet["packet"] = packet[: header.properties_start] + b"\x00"  # no properties
+        self.publishes_decoded += 1
         try:
             return super()._handle_publish()
         finally:
-            self._split_payload = None
+            self._decoded = None
 
     def _handle_on_message(self, message: paho.MQTTMessage) -> None:
-        if self._split_payload is not None:
-            message.payload = self._split_payload
+        if self._decoded is not None:
+            properties, message.payload = self._decoded
+            message.properties = properties  # type: ignore[assignment]  # read by _on_message
         super()._handle_on_message(message)
 
 
-def publish_payload_offset(body: bytes | bytearray, qos: int) -> int:
-    """Where the payload starts in an MQTT v5 PUBLISH ``body`` (all after the fixed header).
+class _PackedProperties(Properties):
+    """PUBLISH properties already encoded by ``agent.mqtt_codec``: paho only pack()s them."""
 
-    Topic (2-byte length + bytes), packet id when ``qos`` > 0, then the
-    properties (variable byte integer length + bytes). Raises paho's
-    MalformedPacket, which paho reports as a protocol error, if the header runs
-    past the end.
-    """
-    end = len(body)
-    if end < 2:
-        raise MalformedPacket("PUBLISH too short for its topic length")
-    pos = 2 + int.from_bytes(body[0:2], "big") + (2 if qos else 0)
-    length = 0
-    for shift in (0, 7, 14, 21):
-        if pos >= end:
-            raise MalformedPacket("PUBLISH ends inside its header")
-        byte = body[pos]
-        pos += 1
-        length |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            break
-    else:
-        raise MalformedPacket("PUBLISH property length over 4 bytes")
-    pos += length
-    if pos > end:
-        raise MalformedPacket("PUBLISH properties run past its end")
-    return pos
+    packed: bytes
+
+    def __init__(self, packed: bytes) -> None:  # not paho's: no property tables to build
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "packed", packed)
+
+    def pack(self) -> bytes:
+        return self.packed
+
+    def __str__(self) -> str:  # paho's debug log prints it
+        return f"<{len(self.packed)} bytes of encoded properties>"
+
+
+def _from_paho(props: Any) -> PublishProperties:
+    return PublishProperties(
+        expiry_s=getattr(props, "MessageExpiryInterval", None),
+        response_topic=getattr(props, "ResponseTopic", None),
+        correlation_data=getattr(props, "CorrelationData", None),
+        user_properties=tuple(getattr(props, "UserProperty", None) or ()),
+    )
 
 
 class _NamedServerContext(ssl.SSLContext):

@@ -108,7 +108,20 @@ class E2E:
         raise AssertionError(
             f"timed out after {timeout}s waiting for {what}; device status: "
             + json.dumps(entry.get("job_history", []))[-3000:]
+            + self._diagnosis()
         )
+
+    def _diagnosis(self) -> str:
+        """What a timeout leaves to go on: how fresh the status file is, both logs."""
+        try:
+            age = f"{time.time() - load_status(self.store / 'status.json')['written_at']:.1f}s"
+        except (OSError, ValueError, KeyError) as exc:
+            age = f"unreadable ({exc})"
+        parts = [f"\nstatus file written {age} ago"]
+        for process in [*self.controllers, self.agent]:
+            if process is not None:
+                parts.append(f"--- {process.name} log tail:\n{process.log_text()[-3000:]}")
+        return "\n".join(parts)
 
     def wait_job(self, deployment_id: str, timeout: float = 90.0) -> dict[str, Any]:
         """The terminal job message of ``deployment_id``."""

@@ -5,18 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from paho.mqtt.exception import MalformedPacket
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from agent.mqtt_client import MqttClient, MqttError, publish_payload_offset
+from agent.mqtt_client import MqttClient, MqttError
 from tests.fleet_device import device_settings
 from tests.mqtt_broker import MosquittoBroker
 
@@ -127,12 +121,12 @@ def test_a_burst_of_messages_and_acks_reaches_the_loop_complete_and_in_order(
 
 
 @pytest.mark.parametrize("qos", [0, 1])
-def test_large_messages_arrive_whole_with_their_properties_on_the_copy_saving_path(
+def test_messages_arrive_whole_with_their_properties_on_the_copy_saving_paths(
     mqtt_broker: MosquittoBroker, qos: int
 ) -> None:
-    """Large packets skip paho's copies on both ends (agent.mqtt_client._PahoClient): the
-    payload must still arrive byte for byte, with topic, properties and QoS, and a small
-    message in between must take paho's own path unchanged."""
+    """Large packets skip paho's copies on both ends, and properties take our codec
+    (agent.mqtt_client._PahoClient): every payload must still arrive byte for byte, with
+    topic, properties and QoS, large or small."""
     topic = "edge/devices/dev-big/artifacts"
     big = [bytes([i]) * 100 + bytes(range(256)) * (1024 + 37 * i) for i in range(3)]
     props = {"offset": "1048576", "total": "104857600", "status": "ok"}
@@ -156,37 +150,9 @@ def test_large_messages_arrive_whole_with_their_properties_on_the_copy_saving_pa
                 assert m.correlation_data == b"corr-%d" % i
                 assert m.user_properties == props
                 assert m.expiry_s is not None and 0 < m.expiry_s <= 30
-            # The three large ones (and only they) took the copy-saving paths.
-            assert receiver._client.payloads_split == 3
+            # All four were decoded by agent.mqtt_codec; the three large ones (and only
+            # they) were queued as views.
+            assert receiver._client.publishes_decoded == 4
             assert sender._client.packets_viewed == 3
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
-
-
-@given(
-    topic=st.text(min_size=1, max_size=80).map(lambda t: t.encode()),
-    qos=st.sampled_from([0, 1]),
-    user=st.lists(st.tuples(st.text(max_size=20), st.text(max_size=300)), max_size=6),
-    correlation=st.binary(max_size=200),
-    payload=st.binary(max_size=300),
-)
-def test_the_payload_offset_of_a_publish_is_where_paho_finds_its_payload(
-    topic: bytes, qos: int, user: list[tuple[str, str]], correlation: bytes, payload: bytes
-) -> None:
-    """publish_payload_offset against paho's own encoder; any cut inside the header is
-    a MalformedPacket, never a wrong offset."""
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    if user:
-        props.UserProperty = user  # enough of them makes the length a 2-byte integer
-    if correlation:
-        props.CorrelationData = correlation
-    header = struct.pack("!H", len(topic)) + topic + (b"\x00\x07" if qos else b"") + props.pack()  # type: ignore[no-untyped-call]
-    assert publish_payload_offset(header + payload, qos) == len(header)
-    for cut in range(len(header)):
-        with pytest.raises(MalformedPacket):
-            publish_payload_offset(header[:cut], qos)
-
-
-def test_a_property_length_over_four_bytes_is_malformed() -> None:
-    with pytest.raises(MalformedPacket, match="over 4 bytes"):
-        publish_payload_offset(b"\x00\x01t" + b"\xff" * 5 + b"x" * 10, 0)
