@@ -16,6 +16,7 @@ from typing import Final
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.allocator import keep_large_buffers
+from agent.background import BackgroundThread
 from agent.controller import rollout as ro
 from agent.controller.config import ControllerConfig
 from agent.controller.follower import observations
@@ -48,6 +49,10 @@ class ControllerService:
             max_bytes_per_s=config.max_bytes_per_s,
         )
         self.status = StatusBook(config.status_file)
+        # The status file is written off the loop (an fsync can take long and the chunk
+        # server shares the loop), one write at a time.
+        self._status_writer = BackgroundThread("status-write", nice=0)
+        self._status_write: asyncio.Future[None] | None = None
         self.rollouts = RolloutBook(config.store_dir)
         self.driver: RolloutDriver | None = None
         if config.deploy_key is not None:
@@ -85,7 +90,26 @@ class ControllerService:
         parsed = split_report_topic(self.config.prefix, message.topic)
         if parsed is not None:
             self.status.observe(parsed[0], parsed[1], message.payload)
-            self.status.maybe_flush()
+            self._flush_status()
+
+    def _flush_status(self, force: bool = False) -> None:
+        if self._status_write is not None and not self._status_write.done():
+            return  # the next call after this write catches up
+        if self.status.flush_due(force):
+            data = self.status.encode()
+            self._status_write = asyncio.ensure_future(
+                self._status_writer.run(self.status.write, data)
+            )
+
+    async def _status_written(self) -> None:
+        if self._status_write is not None:
+            await asyncio.gather(self._status_write, return_exceptions=True)
+
+    async def _last_status_flush(self) -> None:
+        await self._status_written()  # the write under way, then whatever came after it
+        self._flush_status(force=True)
+        await self._status_written()
+        await self._status_writer.close()
 
     async def _consume(self) -> None:
         while True:
@@ -96,7 +120,7 @@ class ControllerService:
         next_stats = time.monotonic() + STATS_INTERVAL_S
         while True:
             await asyncio.sleep(0.5)
-            self.status.maybe_flush()
+            self._flush_status()
             now = time.monotonic()
             if now >= next_stats:
                 next_stats = now + STATS_INTERVAL_S
@@ -164,7 +188,7 @@ class ControllerService:
             await asyncio.gather(consumer, ticker, rollouts, return_exceptions=True)
         finally:
             await self.server.close()
-            self.status.maybe_flush(force=True)
+            await self._last_status_flush()
             await self.client.stop()
             log.info("stopped", extra=stats_event(self.server.stats, started))
 

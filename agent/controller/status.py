@@ -3,9 +3,9 @@
 ``StatusBook`` takes the messages devices publish (validated: size, JSON,
 schema for the topic, version, device named in the topic), keeps the latest of
 each kind per device plus a bounded job history, and writes the whole book to
-a JSON file atomically (at most every ``flush_interval_s``, and at most 10%
-of the time: a big fleet's file is written less often), which
-``edge-controller status`` reads.
+a JSON file atomically (at most every ``flush_interval_s``, and serialising
+it at most 10% of the time: a big fleet's file is written less often), which
+``edge-controller status`` reads. The service writes it off its event loop.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class StatusBook:
         self.rejected = 0
         self._dirty = False
         self._last_flush = 0.0
-        self._flush_cost = 0.0  # seconds the last write took
+        self._flush_cost = 0.0  # seconds the last encode took (on the loop)
 
     def observe(self, device: str, kind: str, payload: bytes, now: float | None = None) -> bool:
         """Record one message; False (and logged) if it was rejected."""
@@ -99,21 +99,34 @@ class StatusBook:
             "devices": self.devices,
         }
 
-    def maybe_flush(self, force: bool = False) -> None:
+    def flush_due(self, force: bool = False) -> bool:
+        """Whether the file should be rewritten now (there is news, and it is time)."""
         if self.path is None or not self._dirty:
-            return
-        now = time.monotonic()
+            return False
         spacing = max(self.flush_interval_s, 10 * self._flush_cost)
-        if not force and now - self._last_flush < spacing:
-            return
-        try:
-            write_atomically(self.path, json.dumps(self.snapshot(), indent=1).encode() + b"\n")
-        except StoreError as exc:
-            log.error("cannot write the status file", extra={"reason": str(exc)})
-            return
+        return force or time.monotonic() - self._last_flush >= spacing
+
+    def encode(self) -> bytes:
+        """The whole book as the file's bytes; clean from here until the next message.
+
+        Serialising is the part that runs on the controller's loop, so the spacing
+        rule (at most 10% of the time) counts it, not the disk write after it.
+        """
+        started = time.monotonic()
+        data = json.dumps(self.snapshot(), indent=1).encode() + b"\n"
         self._dirty = False
-        self._last_flush = now
-        self._flush_cost = time.monotonic() - now
+        self._last_flush = started
+        self._flush_cost = time.monotonic() - started
+        return data
+
+    def write(self, data: bytes) -> None:
+        """Blocking (off the loop): replace the file with ``data`` from ``encode``."""
+        assert self.path is not None
+        try:
+            write_atomically(self.path, data)
+        except StoreError as exc:
+            self._dirty = True  # written again with the next flush
+            log.error("cannot write the status file", extra={"reason": str(exc)})
 
 
 def load_status(path: Path) -> dict[str, Any]:

@@ -158,9 +158,9 @@ def _fsync_dir(directory: Path) -> None:
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary name beside ``path``, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with temp.open("xb") as handle:
             handle.write(data)
             handle.flush()
