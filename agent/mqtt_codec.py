@@ -32,6 +32,7 @@ class PublishProperties:
     correlation_data: bytes | None = None
     user_properties: tuple[tuple[str, str], ...] = ()
 
+
 # Property identifiers (MQTT 5.0, 2.2.2.2) valid in a PUBLISH.
 PAYLOAD_FORMAT: Final = 0x01
 MESSAGE_EXPIRY: Final = 0x02
@@ -80,12 +81,15 @@ def encode_properties(props: PublishProperties) -> bytes:
             raise ValueError(f"message expiry {props.expiry_s} s is not a 4-byte integer")
         parts.append(struct.pack("!BI", MESSAGE_EXPIRY, props.expiry_s))
     if props.response_topic is not None:
-        parts.append(b"\x08" + _utf8("response topic", props.response_topic))
+        parts.append(bytes((RESPONSE_TOPIC,)) + _utf8("response topic", props.response_topic))
     if props.correlation_data is not None:
-        parts.append(b"\x09" + _field("correlation data", props.correlation_data))
+        data = props.correlation_data
+        parts.append(bytes((CORRELATION_DATA,)) + _field("correlation data", data))
     for key, value in props.user_properties:
         parts.append(
-            b"\x26" + _utf8("user property name", key) + _utf8("user property value", value)
+            bytes((USER_PROPERTY,))
+            + _utf8("user property name", key)
+            + _utf8("user property value", value)
         )
     body = b"".join(parts)
     return encode_variable_int(len(body)) + body
