@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import socket
 import ssl
@@ -20,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -30,10 +31,12 @@ from paho.mqtt.properties import Properties
 
 from agent.loop_calls import LoopCalls
 from agent.mqtt_codec import (
+    PUBLISH,
     MalformedPublish,
     PublishProperties,
     decode_publish_header,
     encode_properties,
+    encode_publish_header,
 )
 
 log = logging.getLogger("agent.mqtt")
@@ -83,6 +86,26 @@ class Message:
     # and when it arrived (time.monotonic()), to tell how long it has waited since.
     expiry_s: int | None = None
     received: float = 0.0
+
+
+class OpenFile(Protocol):
+    def fileno(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FileRegion:
+    """A payload that stays in its file: ``length`` bytes of ``file`` from ``offset``.
+
+    Sent with sendfile() on plain TCP (the bytes go from the page cache to the
+    socket, never through Python), read in pieces on paho's thread over TLS.
+    The client keeps ``file`` referenced until the message is acknowledged (it
+    may have to send it again after a reconnect), so whatever closes the
+    descriptor must wait for the last reference to go.
+    """
+
+    file: OpenFile
+    offset: int
+    length: int
 
 
 ConnectHook = Callable[[], Coroutine[Any, Any, None]]
@@ -177,7 +200,7 @@ class MqttClient:
     async def publish(
         self,
         topic: str,
-        payload: bytes,
+        payload: bytes | FileRegion,
         qos: int = 1,
         retain: bool = False,
         response_topic: str | None = None,
@@ -190,6 +213,7 @@ class MqttClient:
 
         ``expiry_s``: the broker discards the message if it could not deliver it
         within that many seconds (an answer nobody waits for any more).
+        ``payload`` may be a ``FileRegion``: sent from the file, not from memory.
         """
         props = None
         if response_topic or correlation_data or user_properties or expiry_s is not None:
@@ -209,7 +233,8 @@ class MqttClient:
         # Not under self._lock: paho calls on_publish holding its own message lock,
         # and _ack then takes ours; holding ours here while paho takes its lock
         # would deadlock (lock-order inversion). Acks that win the race land in _early.
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        body = _FilePayload(payload) if isinstance(payload, FileRegion) else payload
+        info = self._client.publish(topic, body, qos=qos, retain=retain, properties=props)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         with self._lock:
@@ -343,6 +368,8 @@ _MISSING: Any = object()
 
 # Outgoing packets below this size are queued as paho builds them.
 LARGE_PACKET_BYTES = 16 * 1024
+# A FileRegion goes through TLS in reads of this size.
+TLS_PIECE_BYTES = 256 * 1024
 
 
 class _PahoClient(paho.Client):
@@ -365,7 +392,58 @@ class _PahoClient(paho.Client):
 
     publishes_decoded = 0  # PUBLISH packets decoded here, not by paho (tests check it)
     packets_viewed = 0  # large packets queued as views (tests check it)
+    files_sent = 0  # PUBLISH packets queued with a FileRegion payload (tests check it)
     _decoded: tuple[PublishProperties, bytes] | None = None
+
+    def _send_publish(
+        self,
+        mid: int,
+        topic: bytes,
+        payload: bytes | bytearray = b"",
+        qos: int = 0,
+        retain: bool = False,
+        dup: bool = False,
+        info: paho.MQTTMessageInfo | None = None,
+        properties: Properties | None = None,
+    ) -> MQTTErrorCode:
+        # paho calls this for the first send and for every resend after a reconnect.
+        if not isinstance(payload, _FilePayload):
+            return super()._send_publish(mid, topic, payload, qos, retain, dup, info, properties)
+        if self._sock is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        packed = b"\x00" if properties is None else properties.pack()  # type: ignore[no-untyped-call]
+        region = payload.region
+        header = encode_publish_header(topic, mid, qos, retain, dup, packed, region.length)
+        self.files_sent += 1
+        packet: Any = _FilePacket(header, region)  # paho only len()s and slices it
+        return super()._packet_queue(PUBLISH, packet, mid, qos, info)
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if not isinstance(buf, _FileSend):
+            return super()._sock_send(buf)
+        packet, pos = buf
+        sock = self._sock
+        if isinstance(sock, ssl.SSLSocket) or not isinstance(sock, socket.socket):
+            # No sendfile through TLS: read a piece. After a would-block, paho asks
+            # again from the same position, so the retry sends the very same bytes.
+            return super()._sock_send(packet.read(pos, TLS_PIECE_BYTES))
+        header = packet.header
+        try:
+            if pos < len(header):
+                return sock.send(header[pos:], socket.MSG_MORE)  # with the payload's segment
+            region = packet.region
+            sent = os.sendfile(
+                sock.fileno(),
+                region.file.fileno(),
+                region.offset + pos - len(header),
+                len(packet) - pos,
+            )
+            if sent == 0:  # the file is shorter than the region: see _FilePacket.read
+                sent = sock.send(packet.read(pos, TLS_PIECE_BYTES))
+        except BlockingIOError:
+            self._call_socket_register_write()
+            raise
+        return sent
 
     def _packet_queue(
         self,
@@ -403,6 +481,63 @@ class _PahoClient(paho.Client):
             properties, message.payload = self._decoded
             message.properties = properties  # type: ignore[assignment]  # read by _on_message
         super()._handle_on_message(message)
+
+
+class _FilePayload(bytes):
+    """A FileRegion as paho's publish() takes it: empty bytes whose len() is the region's.
+
+    paho keeps it as the message's payload (for resends) and hands it to
+    ``_send_publish``, which sends the region instead.
+    """
+
+    region: FileRegion
+
+    def __new__(cls, region: FileRegion) -> _FilePayload:
+        if region.length <= 0 or region.offset < 0:
+            raise MqttError(f"bad file region: {region.length} bytes at {region.offset}")
+        payload = super().__new__(cls)
+        payload.region = region
+        return payload
+
+    def __len__(self) -> int:
+        return self.region.length
+
+
+class _FileSend(tuple[Any, int]):
+    """What paho's ``packet[pos:]`` gives for a _FilePacket: (the packet, pos)."""
+
+
+class _FilePacket:
+    """An outgoing PUBLISH: its header in memory, its payload a FileRegion."""
+
+    __slots__ = ("header", "region")
+
+    def __init__(self, header: bytes, region: FileRegion) -> None:
+        self.header = header
+        self.region = region
+
+    def __len__(self) -> int:
+        return len(self.header) + self.region.length
+
+    def __getitem__(self, key: slice) -> _FileSend:
+        return _FileSend((self, key.start or 0))
+
+    def read(self, pos: int, limit: int) -> bytes:
+        """Bytes ``[pos, pos + limit)`` of the packet (at most), read from the file."""
+        head = self.header[pos:]
+        start = max(pos - len(self.header), 0)
+        count = min(limit - len(head), self.region.length - start)
+        if count <= 0:
+            return head
+        data = os.pread(self.region.file.fileno(), count, self.region.offset + start)
+        if len(data) < count:
+            # The file shrank after the region was taken. The packet's length is on
+            # the wire already, so it is filled up with zeros: the stream stays
+            # whole, and the receiver's digest check refuses the content.
+            log.error("file shorter than its region; payload padded with zeros",
+                      extra={"length": self.region.length, "offset": self.region.offset})
+            data += bytes(count - len(data))
+        return head + data
 
 
 class _PackedProperties(Properties):

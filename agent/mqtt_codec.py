@@ -95,6 +95,32 @@ def encode_properties(props: PublishProperties) -> bytes:
     return encode_variable_int(len(body)) + body
 
 
+PUBLISH: Final = 0x30  # packet type 3 in the high nibble of the fixed header
+
+
+def encode_publish_header(
+    topic: bytes,
+    mid: int,
+    qos: int,
+    retain: bool,
+    dup: bool,
+    properties: bytes,
+    payload_length: int,
+) -> bytes:
+    """Every byte of a PUBLISH before its payload (the payload follows as is).
+
+    ``properties`` is the property section as ``encode_properties`` makes it.
+    """
+    if not 0 <= qos <= 2:
+        raise ValueError(f"QoS {qos} is not 0, 1 or 2")
+    if len(topic) > MAX_FIELD:
+        raise ValueError(f"topic is {len(topic)} bytes; MQTT allows at most {MAX_FIELD}")
+    packet_id = mid.to_bytes(2, "big") if qos else b""
+    variable = len(topic).to_bytes(2, "big") + topic + packet_id + properties
+    first = PUBLISH | (int(dup) << 3) | (qos << 1) | int(retain)
+    return bytes((first,)) + encode_variable_int(len(variable) + payload_length) + variable
+
+
 @dataclass(frozen=True, slots=True)
 class PublishHeader:
     topic: bytes

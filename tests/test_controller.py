@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import json
 import os
@@ -24,7 +25,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.controller.server import ChunkRequestError, ChunkServer, parse_chunk_request
+from agent.controller.server import (
+    ChunkRequestError,
+    ChunkServer,
+    _BlobCache,
+    parse_chunk_request,
+)
 from agent.controller.store import ArtifactStore
 from agent.fleet.deployment import DeviceContext, verify_deployment
 from agent.mqtt_client import Message, MqttClient
@@ -345,6 +351,29 @@ def test_serve_answers_chunk_requests_with_exact_bytes(fleet: Fleet) -> None:
     serving = next(e for e in controller.events if e.get("msg") == "serving")
     assert serving["allocator_tuned"] is (platform.libc_ver()[0] == "glibc")
     assert stopped["chunks"] >= 2 + -(-MODEL_BYTES // MAX_CHUNK)
+
+
+def test_a_blob_the_cache_evicts_stays_open_until_no_answer_holds_it(fleet: Fleet) -> None:
+    """Answers are sent from the blob's descriptor, maybe again after a reconnect, so
+    the descriptor cache must not close what an answer still holds; once nothing
+    does, the descriptor is closed."""
+    store = ArtifactStore(fleet.store)
+    sig_sha = hashlib.sha256((fleet.version_dir / "model.sig").read_bytes()).hexdigest()
+    cache = _BlobCache(store, capacity=1)
+    model = cache.get(fleet.model_sha)
+    assert model is not None
+    fd = model.fileno()
+    assert cache.get(sig_sha) is not None  # evicts the model's entry
+    assert cache.get("0" * 64) is None  # not in the store
+    assert os.pread(fd, 64, 100) == fleet.model_bytes[100:164]  # still open
+    del model
+    gc.collect()
+    try:
+        now = os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:
+        now = ""
+    assert now != str(store.blob_path(fleet.model_sha))  # closed (or the number reused)
+    cache.close()
 
 
 def test_requests_past_their_expiry_are_shed_and_answers_carry_what_is_left(

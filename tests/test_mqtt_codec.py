@@ -7,14 +7,17 @@ import struct
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from paho.mqtt import _packet
+from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from agent.mqtt_codec import (
     MalformedPublish,
     PublishProperties,
     decode_publish_header,
     encode_properties,
+    encode_publish_header,
     encode_variable_int,
 )
 
@@ -83,6 +86,49 @@ def test_we_read_what_paho_encodes_and_find_the_payload(
     for cut in range(header.payload_start):
         with pytest.raises(MalformedPublish):
             decode_publish_header(body[:cut], qos)
+
+
+@given(
+    props=publish_properties,
+    topic=st.text(min_size=1, max_size=80).map(str.encode),
+    mid=st.integers(1, 65535),
+    qos=st.sampled_from([0, 1, 2]),
+    retain=st.booleans(),
+    dup=st.booleans(),
+    payload=st.binary(max_size=300) | st.sampled_from([b"\x5a" * 200_000]),
+)
+def test_paho_reads_the_publish_headers_we_frame(
+    props: PublishProperties,
+    topic: bytes,
+    mid: int,
+    qos: int,
+    retain: bool,
+    dup: bool,
+    payload: bytes,
+) -> None:
+    """A payload sent from a file follows a header we frame (agent.mqtt_client.FileRegion)."""
+    header = encode_publish_header(
+        topic, mid, qos, retain, dup, encode_properties(props), len(payload)
+    )
+    packet = header + payload
+    remaining, used = VariableByteIntegers.decode(packet[1:])  # type: ignore[no-untyped-call]
+    assert remaining == len(packet) - 1 - used  # the length covers exactly the rest
+    theirs = _packet.decode_publish(packet[0], packet[1 + used :], MQTTProtocolVersion.MQTTv5)
+    assert packet[0] >> 4 == 3  # PUBLISH
+    assert (theirs.dup, theirs.qos, theirs.retain) == (dup, qos, retain)
+    assert (theirs.topic, theirs.mid) == (topic, mid if qos else 0)
+    assert theirs.payload == payload
+    assert getattr(theirs.properties, "CorrelationData", None) == props.correlation_data
+    assert tuple(getattr(theirs.properties, "UserProperty", ())) == props.user_properties
+
+
+def test_publish_headers_that_do_not_fit_mqtt_are_refused() -> None:
+    with pytest.raises(ValueError, match="QoS 3"):
+        encode_publish_header(b"t", 1, 3, False, False, b"\x00", 0)
+    with pytest.raises(ValueError, match="topic is 65536 bytes"):
+        encode_publish_header(b"t" * 65536, 1, 1, False, False, b"\x00", 0)
+    with pytest.raises(ValueError, match="variable byte integer"):
+        encode_publish_header(b"t", 1, 1, False, False, b"\x00", 268_435_455)
 
 
 def test_properties_the_agent_does_not_use_are_skipped() -> None:

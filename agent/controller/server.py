@@ -14,12 +14,12 @@ trusted, since the controller may publish anywhere.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
 import os
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -39,7 +39,7 @@ from agent.controller.protocol import (
     request_subscription,
 )
 from agent.controller.store import ArtifactStore
-from agent.mqtt_client import Message, MqttClient, MqttError
+from agent.mqtt_client import FileRegion, Message, MqttClient, MqttError
 from agent.pacing import RateLimiter
 
 log = logging.getLogger("agent.controller.server")
@@ -154,36 +154,48 @@ class ServeStats:
         }
 
 
+class _OpenBlob:
+    """A stored blob's descriptor, closed when the last reference goes.
+
+    Answers hold it until the broker has acknowledged them (paho may send one
+    again after a reconnect), so the cache evicting it must not close it.
+    """
+
+    __slots__ = ("__weakref__", "fd")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        weakref.finalize(self, os.close, fd)
+
+    def fileno(self) -> int:
+        return self.fd
+
+
 class _BlobCache:
     """Open descriptors of recently served blobs (blobs are immutable once stored)."""
 
     def __init__(self, store: ArtifactStore, capacity: int = MAX_OPEN_BLOBS) -> None:
         self._store = store
         self._capacity = capacity
-        self._open: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._open: OrderedDict[str, _OpenBlob] = OrderedDict()
 
-    def get(self, sha256: str) -> tuple[int, int] | None:
-        """``(fd, size)`` of the blob, or None if the store does not have it."""
-        entry = self._open.get(sha256)
-        if entry is not None:
+    def get(self, sha256: str) -> _OpenBlob | None:
+        """The open blob, or None if the store does not have it."""
+        blob = self._open.get(sha256)
+        if blob is not None:
             self._open.move_to_end(sha256)
-            return entry
+            return blob
         try:
             fd = os.open(self._store.blob_path(sha256), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return None
-        entry = (fd, os.fstat(fd).st_size)
-        self._open[sha256] = entry
+        blob = self._open[sha256] = _OpenBlob(fd)
         while len(self._open) > self._capacity:
-            _, (old_fd, _) = self._open.popitem(last=False)
-            os.close(old_fd)
-        return entry
+            self._open.popitem(last=False)
+        return blob
 
     def close(self) -> None:
-        for fd, _ in self._open.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._open.clear()
+        self._open.clear()  # each descriptor closes once no answer holds it
 
 
 class ChunkServer:
@@ -271,7 +283,7 @@ class ChunkServer:
                     "bad_request", f"correlation data missing or over {MAX_CORRELATION_BYTES} bytes"
                 )
             request = parse_chunk_request(device, message.payload, self.max_chunk_bytes)
-            data = await self._reader.run(self._read, request)
+            region = await self._reader.run(self._locate, request)
         except ChunkRequestError as error:
             self.stats.errors += 1
             log.warning(
@@ -286,10 +298,10 @@ class ChunkServer:
                 _expiry_left(message),
             )
             return
-        await self._rate.take(len(data))
+        await self._rate.take(region.length)
         await self._send(
             reply_to,
-            data,
+            region,
             correlation,
             {
                 "schema": SCHEMA_CHUNK,
@@ -300,17 +312,21 @@ class ChunkServer:
             _expiry_left(message),
         )
         self.stats.chunks += 1
-        self.stats.bytes += len(data)
+        self.stats.bytes += region.length
         self.stats.by_device[device] = self.stats.by_device.get(device, 0) + 1
 
-    def _read(self, request: ChunkRequest) -> bytes:
-        """Blocking (the reader thread): the requested bytes of a stored blob."""
-        entry = self._blobs.get(request.sha256)
-        if entry is None:
+    def _locate(self, request: ChunkRequest) -> FileRegion:
+        """Blocking (the reader thread): where the requested bytes are in a stored blob.
+
+        The answer is sent from the file (``FileRegion``); here the reading ahead
+        starts, so that paho's thread, which sends it, does not wait for the disk.
+        """
+        blob = self._blobs.get(request.sha256)
+        if blob is None:
             raise ChunkRequestError(
                 "not_found", f"no artifact {request.sha256}", request.sha256, request.offset
             )
-        fd, size = entry
+        size = os.fstat(blob.fd).st_size
         if request.offset >= size:
             raise ChunkRequestError(
                 "bad_request",
@@ -319,17 +335,13 @@ class ChunkServer:
                 request.offset,
             )
         length = min(request.length, size - request.offset)
-        data = os.pread(fd, length, request.offset)
-        if len(data) != length:
-            raise ChunkRequestError(
-                "not_found", "artifact truncated in the store", request.sha256, request.offset
-            )
-        return data
+        os.posix_fadvise(blob.fd, request.offset, length, os.POSIX_FADV_WILLNEED)
+        return FileRegion(blob, request.offset, length)
 
     async def _send(
         self,
         topic: str,
-        payload: bytes,
+        payload: bytes | FileRegion,
         correlation: bytes | None,
         properties: dict[str, str],
         expiry_s: int | None,
