@@ -29,6 +29,7 @@ from agent.controller.server import (
     ChunkRequestError,
     ChunkServer,
     _BlobCache,
+    open_blob,
     parse_chunk_request,
 )
 from agent.controller.store import ArtifactStore
@@ -359,12 +360,17 @@ def test_a_blob_the_cache_evicts_stays_open_until_no_answer_holds_it(fleet: Flee
     does, the descriptor is closed."""
     store = ArtifactStore(fleet.store)
     sig_sha = hashlib.sha256((fleet.version_dir / "model.sig").read_bytes()).hexdigest()
-    cache = _BlobCache(store, capacity=1)
-    model = cache.get(fleet.model_sha)
-    assert model is not None
+    assert open_blob(store, "0" * 64) is None  # not in the store
+    cache = _BlobCache(capacity=1)
+    model = open_blob(store, fleet.model_sha)
+    assert model is not None and model.size == MODEL_BYTES
     fd = model.fileno()
-    assert cache.get(sig_sha) is not None  # evicts the model's entry
-    assert cache.get("0" * 64) is None  # not in the store
+    cache.put(fleet.model_sha, model)
+    assert cache.get(fleet.model_sha) is model
+    signature = open_blob(store, sig_sha)
+    assert signature is not None
+    cache.put(sig_sha, signature)  # evicts the model's entry
+    assert cache.get(fleet.model_sha) is None
     assert os.pread(fd, 64, 100) == fleet.model_bytes[100:164]  # still open
     del model
     gc.collect()

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 
 from agent.background import BACKGROUND_NICE, BackgroundThread
@@ -163,7 +164,46 @@ def test_a_background_thread_runs_calls_in_order_at_low_priority() -> None:
 
     results = asyncio.run(go())
     assert [i for i, _, _ in results] == list(range(20))
-    assert {name for _, _, name in results} == {"test-writer_0"}  # one thread, reused
+    assert {name for _, _, name in results} == {"test-writer"}  # one thread, reused
     assert {nice for _, nice, _ in results} == {min(loop_nice + BACKGROUND_NICE, 19)}
     # The caller's own priority is untouched.
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_nice
+
+
+def test_a_background_thread_hands_back_errors_and_finishes_calls_whose_caller_left() -> None:
+    done: list[int] = []
+    gate = threading.Event()
+
+    def slow(i: int) -> int:
+        gate.wait(10)
+        done.append(i)
+        return i
+
+    def broken() -> None:
+        raise ValueError("disk full")
+
+    async def go() -> None:
+        worker = BackgroundThread("test-errors", nice=0)
+        with pytest.raises(ValueError, match="disk full"):
+            await worker.run(broken)
+        waiting = asyncio.create_task(worker.run(slow, 1))
+        queued = asyncio.create_task(worker.run(slow, 2))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        queued.cancel()  # not started yet: still runs, in order (a write handed over)
+        gate.set()
+        await worker.close()  # waits for both
+        assert done == [1, 2]
+        with pytest.raises(RuntimeError, match="closed"):
+            await worker.run(slow, 3)
+
+    asyncio.run(asyncio.wait_for(go(), 30))
+
+    other = BackgroundThread("test-loops", nice=0)
+    asyncio.run(other.run(len, b"x"))
+    with pytest.raises(RuntimeError, match="another event loop"):
+        asyncio.run(other.run(len, b"x"))
+    other._jobs.put(None)  # its loop is gone, so close() cannot run: end the thread directly
+    assert other._thread is not None
+    other._thread.join(10)
+    assert not other._thread.is_alive()

@@ -155,47 +155,61 @@ class ServeStats:
 
 
 class _OpenBlob:
-    """A stored blob's descriptor, closed when the last reference goes.
+    """A stored blob's descriptor and size, closed when the last reference goes.
 
     Answers hold it until the broker has acknowledged them (paho may send one
     again after a reconnect), so the cache evicting it must not close it.
     """
 
-    __slots__ = ("__weakref__", "fd")
+    __slots__ = ("__weakref__", "fd", "size")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, size: int) -> None:
         self.fd = fd
+        self.size = size  # blobs are immutable once stored
         weakref.finalize(self, os.close, fd)
 
     def fileno(self) -> int:
         return self.fd
 
 
-class _BlobCache:
-    """Open descriptors of recently served blobs (blobs are immutable once stored)."""
+def open_blob(store: ArtifactStore, sha256: str) -> _OpenBlob | None:
+    """Blocking (disk): open a stored blob for serving; None if the store does not have it."""
+    try:
+        fd = os.open(store.blob_path(sha256), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        # Chunks are asked for in order: let the kernel read well ahead, so that
+        # paho's thread, which sends them from the file, rarely waits for the disk.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except OSError:
+        os.close(fd)
+        return None
+    return _OpenBlob(fd, size)
 
-    def __init__(self, store: ArtifactStore, capacity: int = MAX_OPEN_BLOBS) -> None:
-        self._store = store
+
+class _BlobCache:
+    """Recently served blobs, open. Used on the loop only: a hit costs no system call."""
+
+    def __init__(self, capacity: int = MAX_OPEN_BLOBS) -> None:
         self._capacity = capacity
         self._open: OrderedDict[str, _OpenBlob] = OrderedDict()
 
     def get(self, sha256: str) -> _OpenBlob | None:
-        """The open blob, or None if the store does not have it."""
         blob = self._open.get(sha256)
         if blob is not None:
             self._open.move_to_end(sha256)
-            return blob
-        try:
-            fd = os.open(self._store.blob_path(sha256), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return None
-        blob = self._open[sha256] = _OpenBlob(fd)
-        while len(self._open) > self._capacity:
-            self._open.popitem(last=False)
         return blob
 
+    def put(self, sha256: str, blob: _OpenBlob) -> None:
+        self._open[sha256] = blob
+        self._open.move_to_end(sha256)
+        while len(self._open) > self._capacity:
+            self._open.popitem(last=False)  # closes once no answer holds it
+
     def close(self) -> None:
-        self._open.clear()  # each descriptor closes once no answer holds it
+        self._open.clear()
 
 
 class ChunkServer:
@@ -218,10 +232,9 @@ class ChunkServer:
         self.max_chunk_bytes = max_chunk_bytes
         self.stats = ServeStats()
         self._rate = RateLimiter(max_bytes_per_s)
-        # Chunks are read from the store on a thread of their own, not on the loop;
-        # one thread, so the descriptor cache is never used by two at once.
+        # Blobs are opened on a thread of their own, not on the loop.
         self._reader = BackgroundThread("chunk-read", nice=0)
-        self._blobs = _BlobCache(store)
+        self._blobs = _BlobCache()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -253,7 +266,7 @@ class ChunkServer:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._reader.close()  # reads already handed over finish first
+        await self._reader.close()  # opens already handed over finish first
         self._blobs.close()
 
     async def _answer(self, message: Message) -> None:
@@ -283,7 +296,7 @@ class ChunkServer:
                     "bad_request", f"correlation data missing or over {MAX_CORRELATION_BYTES} bytes"
                 )
             request = parse_chunk_request(device, message.payload, self.max_chunk_bytes)
-            region = await self._reader.run(self._locate, request)
+            region = await self._locate(request)
         except ChunkRequestError as error:
             self.stats.errors += 1
             log.warning(
@@ -315,18 +328,21 @@ class ChunkServer:
         self.stats.bytes += region.length
         self.stats.by_device[device] = self.stats.by_device.get(device, 0) + 1
 
-    def _locate(self, request: ChunkRequest) -> FileRegion:
-        """Blocking (the reader thread): where the requested bytes are in a stored blob.
+    async def _locate(self, request: ChunkRequest) -> FileRegion:
+        """Where the requested bytes are in a stored blob (the answer is sent from the file).
 
-        The answer is sent from the file (``FileRegion``); here the reading ahead
-        starts, so that paho's thread, which sends it, does not wait for the disk.
+        A blob already open is found without a system call; opening one reads the
+        disk, so that happens on the reader thread.
         """
         blob = self._blobs.get(request.sha256)
         if blob is None:
-            raise ChunkRequestError(
-                "not_found", f"no artifact {request.sha256}", request.sha256, request.offset
-            )
-        size = os.fstat(blob.fd).st_size
+            blob = await self._reader.run(open_blob, self.store, request.sha256)
+            if blob is None:
+                raise ChunkRequestError(
+                    "not_found", f"no artifact {request.sha256}", request.sha256, request.offset
+                )
+            self._blobs.put(request.sha256, blob)
+        size = blob.size
         if request.offset >= size:
             raise ChunkRequestError(
                 "bad_request",
@@ -334,9 +350,7 @@ class ChunkServer:
                 request.sha256,
                 request.offset,
             )
-        length = min(request.length, size - request.offset)
-        os.posix_fadvise(blob.fd, request.offset, length, os.POSIX_FADV_WILLNEED)
-        return FileRegion(blob, request.offset, length)
+        return FileRegion(blob, request.offset, min(request.length, size - request.offset))
 
     async def _send(
         self,
