@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -383,6 +384,15 @@ class MqttChunkFetcher:
         self.timeout_s = timeout_s
         self._outstanding: dict[bytes, _Outstanding] = {}
         self.stale = 0  # answers to requests no longer outstanding (late or duplicate)
+        # Correlation data: a random prefix per fetcher and a counter, unique without a
+        # getrandom() call per request; an answer to an earlier fetcher never matches.
+        self._correlation_prefix = secrets.token_bytes(8)
+        self._requests = itertools.count()
+        # The request's fixed fields, encoded once (its JSON object minus the closing brace).
+        self._request_head = json.dumps(
+            {"schema": CHUNK_REQUEST_SCHEMA, "version": 1, "device": device},
+            separators=(",", ":"),
+        )[:-1]
 
     async def wait_online(self) -> None:
         await self.client.connected.wait()
@@ -391,21 +401,20 @@ class MqttChunkFetcher:
         return self.client.connected.is_set()
 
     async def fetch(self, sha256: str, offset: int, length: int) -> bytes:
-        correlation = secrets.token_bytes(16)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        correlation = self._correlation_prefix + next(self._requests).to_bytes(8, "big")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
         self._outstanding[correlation] = _Outstanding(future, sha256, offset, length)
-        request = {
-            "schema": CHUNK_REQUEST_SCHEMA,
-            "version": 1,
-            "device": self.device,
-            "sha256": sha256,
-            "offset": offset,
-            "length": length,
-        }
+        request = (
+            f'{self._request_head},"sha256":{json.dumps(sha256)},'
+            f'"offset":{int(offset)},"length":{int(length)}}}'
+        )
+        # A timer rather than asyncio.wait_for: no waiter future and callbacks per chunk.
+        timer = loop.call_later(self.timeout_s, _expire, future)
         try:
             await self.client.publish(
                 self.request_topic,
-                json.dumps(request, separators=(",", ":")).encode(),
+                request.encode(),
                 qos=1,
                 response_topic=self.response_topic,
                 correlation_data=correlation,
@@ -413,12 +422,13 @@ class MqttChunkFetcher:
                 # The broker (and the controller) drop a request nobody waits for any more.
                 expiry_s=math.ceil(self.timeout_s),
             )
-            return await asyncio.wait_for(future, self.timeout_s)
+            return await future
         except TimeoutError:
             raise ChunkTimeoutError(
                 f"no answer for {sha256[:12]}@{offset} in {self.timeout_s}s"
             ) from None
         finally:
+            timer.cancel()
             self._outstanding.pop(correlation, None)
 
     def handle(self, message: Message) -> None:
@@ -465,6 +475,11 @@ class MqttChunkFetcher:
         entry.future.set_exception(
             ChunkInvalidError(f"answer with unknown schema {str(schema)[:60]!r}")
         )
+
+
+def _expire(future: asyncio.Future[bytes]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 # --------------------------------------------------------------------------- the download

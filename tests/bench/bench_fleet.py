@@ -19,7 +19,9 @@ transfer: writing the partial file, fsynced range checkpoints and the SHA-256
 of the whole file at the end.
 
 Both sides use the agent's paho adapter (agent.mqtt_client). Each setting runs
-``--repeat`` times and the fastest run of each side counts (shared, noisy hosts).
+``--repeat`` times and the fastest run of each side counts (shared, noisy hosts);
+the repeats are interleaved (the whole sweep, then again), so that the host's
+drift over a run reaches every setting alike.
 Prints a table of MB/s and the ratio download / raw (target >= 50%).
 
     .venv/bin/python tests/bench/bench_fleet.py [--size-mb 100] [--tls]
@@ -563,39 +565,42 @@ def main() -> int:
             deploy_trust.mkdir()
             shutil.copy(deploy_pair.public_key, deploy_trust)
             controller = ControllerProcess(config).wait_serving()
-            rows: list[Row] = []
-            for chunk in chunks:
-                for window in windows:
-                    downs: list[tuple[float, int]] = []
-                    raws: list[float] = []
-                    for _ in range(args.repeat):
-                        if use_agent:
-                            downs.append(
-                                asyncio.run(
-                                    download_with_agent(
-                                        broker, sha, size, chunk, window, tmp / "device"
-                                    )
+            # Repeats are interleaved (every setting once, then again): the host's speed
+            # drifts over a run, and each setting should see the whole of the drift.
+            settings = [(chunk, window) for chunk in chunks for window in windows]
+            downs: dict[tuple[int, int], list[tuple[float, int]]] = {s: [] for s in settings}
+            raws: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
+            for repeat in range(args.repeat):
+                for chunk, window in settings:
+                    if use_agent:
+                        downs[chunk, window].append(
+                            asyncio.run(
+                                download_with_agent(
+                                    broker, sha, size, chunk, window, tmp / "device"
                                 )
                             )
-                        else:
-                            downs.append(
-                                asyncio.run(download_with_puller(broker, sha, size, chunk, window))
-                            )
-                        raws.append(asyncio.run(measure_raw(broker, size, chunk, window)))
-                    down_s, requests = min(downs)
-                    raw_s = min(raws)
-                    rows.append(
-                        Row(
-                            chunk,
-                            window,
-                            down_s,
-                            raw_s,
-                            requests,
-                            "agent" if use_agent else "puller",
-                            [r / d for (d, _), r in zip(downs, raws, strict=True)],
                         )
+                    else:
+                        downs[chunk, window].append(
+                            asyncio.run(download_with_puller(broker, sha, size, chunk, window))
+                        )
+                    raws[chunk, window].append(
+                        asyncio.run(measure_raw(broker, size, chunk, window))
                     )
-                    print(f"  measured chunk {chunk} window {window}", file=sys.stderr)
+                print(f"  measured repeat {repeat + 1}/{args.repeat}", file=sys.stderr)
+            rows: list[Row] = []
+            for setting in settings:
+                down_s, requests = min(downs[setting])
+                rows.append(
+                    Row(
+                        *setting,
+                        down_s,
+                        min(raws[setting]),
+                        requests,
+                        "agent" if use_agent else "puller",
+                        [r / d for (d, _), r in zip(downs[setting], raws[setting], strict=True)],
+                    )
+                )
             updates: list[UpdateResult] = []
             if not args.no_update:
                 publish_update(tmp, store, signing, size)
