@@ -370,6 +370,7 @@ _MISSING: Any = object()
 LARGE_PACKET_BYTES = 16 * 1024
 # A FileRegion goes through TLS in reads of this size.
 TLS_PIECE_BYTES = 256 * 1024
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold the header for the payload
 
 
 class _PahoClient(paho.Client):
@@ -388,6 +389,8 @@ class _PahoClient(paho.Client):
     Sending: paho slices the rest of an outgoing packet before every send(), a
     fresh copy of up to the whole packet each time the socket takes part of it.
     A large packet is queued as a memoryview instead, whose slices copy nothing.
+    A ``FileRegion`` payload is never copied into a packet at all: paho queues
+    its header and the region, and ``_sock_send`` sends the region from the file.
     """
 
     publishes_decoded = 0  # PUBLISH packets decoded here, not by paho (tests check it)
@@ -430,7 +433,7 @@ class _PahoClient(paho.Client):
         header = packet.header
         try:
             if pos < len(header):
-                return sock.send(header[pos:], socket.MSG_MORE)  # with the payload's segment
+                return sock.send(header[pos:], _MSG_MORE)  # in one segment with the payload
             region = packet.region
             sent = os.sendfile(
                 sock.fileno(),

@@ -180,9 +180,10 @@ def open_blob(store: ArtifactStore, sha256: str) -> _OpenBlob | None:
         return None
     try:
         size = os.fstat(fd).st_size
-        # Chunks are asked for in order: let the kernel read well ahead, so that
-        # paho's thread, which sends them from the file, rarely waits for the disk.
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        if hasattr(os, "posix_fadvise"):  # Linux
+            # Chunks are asked for in order: let the kernel read well ahead, so that
+            # paho's thread, which sends them from the file, rarely waits for the disk.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     except OSError:
         os.close(fd)
         return None
