@@ -628,12 +628,19 @@ class Downloader:
         self.window = AdaptiveWindow(min(self.settings.window, len(queue)))
         writer = BackgroundThread("fleet-write")
         workers = [asyncio.create_task(worker()) for _ in range(self.window.size)]
+        fetched = False
         try:
             await _gather_or_fail(workers)
+            fetched = True
         finally:
             # Writes already handed over finish (the file is closed only after them).
             await asyncio.shield(writer.close())
             for partial in partials:
+                if fetched and partial.complete:
+                    # finish() fsyncs and moves it next, and deletes the range record:
+                    # writing one now would cost two fsyncs for nothing. (A crash in
+                    # between re-requests at most the ranges not yet recorded.)
+                    continue
                 with contextlib.suppress(OSError):
                     await asyncio.shield(partial.checkpoint(force=True))
 
