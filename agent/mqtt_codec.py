@@ -10,6 +10,8 @@ few microseconds.
 
 Layout (MQTT 5.0, 3.3.2): topic (2-byte length + UTF-8), packet id when QoS > 0,
 property length (variable byte integer) and the properties, then the payload.
+``encode_publish_header`` frames everything of a PUBLISH before its payload, for
+payloads sent from a file (``agent.mqtt_client.FileRegion``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Controllers subscribe ``$share/{group}/{prefix}/artifacts/request/+``, so the
 broker hands each request to one of them and several controller processes can
 serve one fleet. ``parse_chunk_request`` is pure (bytes in, request or error
-out); ``ChunkServer`` reads the bytes and publishes the answer.
+out); ``ChunkServer`` finds the bytes in the store and publishes the answer,
+whose payload is sent from the blob's file (``FileRegion``), not from memory.
 
 The answer always goes to ``{prefix}/devices/{d}/artifacts`` for the device
 named by the request topic (which the broker's ACL ties to the client
