@@ -109,6 +109,8 @@ class FileRegion:
 
 
 ConnectHook = Callable[[], Coroutine[Any, Any, None]]
+# Sees a message on paho's network thread; True if it took it (it is then not queued).
+InlineHandler = Callable[[Message], bool]
 
 
 class MqttClient:
@@ -150,6 +152,7 @@ class MqttClient:
         self._unwaited: set[int] = set()  # mids published without waiting for the ack
         self._subscriptions: dict[str, int] = {}
         self._connect_hooks: list[ConnectHook] = []
+        self._inline: tuple[tuple[str, InlineHandler], ...] = ()
         self.messages: asyncio.Queue[Message] = asyncio.Queue()
         self.connected = asyncio.Event()
         self.connection_count = 0
@@ -215,6 +218,44 @@ class MqttClient:
         within that many seconds (an answer nobody waits for any more).
         ``payload`` may be a ``FileRegion``: sent from the file, not from memory.
         """
+        waits = qos > 0 and wait_ack
+        future = self._loop_or_fail().create_future() if waits else None
+        self._publish(
+            topic, payload, qos, retain, response_topic, correlation_data, user_properties,
+            expiry_s, future,
+        )
+        if future is not None:
+            await future
+
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: bytes | FileRegion,
+        qos: int = 1,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        user_properties: dict[str, str] | None = None,
+        expiry_s: int | None = None,
+    ) -> None:
+        """Any thread, an inline handler's included: queue a publish, wait for nothing."""
+        self._publish(
+            topic, payload, qos, False, response_topic, correlation_data, user_properties,
+            expiry_s, None,
+        )
+
+    def _publish(
+        self,
+        topic: str,
+        payload: bytes | FileRegion,
+        qos: int,
+        retain: bool,
+        response_topic: str | None,
+        correlation_data: bytes | None,
+        user_properties: dict[str, str] | None,
+        expiry_s: int | None,
+        future: asyncio.Future[None] | None,
+    ) -> None:
+        """Hand a publish to paho; ``future`` (if any) settles with the broker's PUBACK."""
         props = None
         if response_topic or correlation_data or user_properties or expiry_s is not None:
             try:
@@ -229,7 +270,6 @@ class MqttClient:
             except ValueError as exc:
                 raise MqttError(f"publish to {topic}: {exc}") from None
             props = _PackedProperties(packed)
-        future = self._loop_or_fail().create_future()
         # Not under self._lock: paho calls on_publish holding its own message lock,
         # and _ack then takes ours; holding ours here while paho takes its lock
         # would deadlock (lock-order inversion). Acks that win the race land in _early.
@@ -239,17 +279,29 @@ class MqttClient:
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         with self._lock:
             early = self._early.pop(info.mid, _MISSING)
-            if qos == 0 or not wait_ack:
+            if future is None:
                 if early is _MISSING and not (qos == 0 and info.rc == paho.MQTT_ERR_NO_CONN):
                     self._unwaited.add(info.mid)
                 return
             if early is _MISSING:
                 self._pending[info.mid] = future
-        if early is not _MISSING:
-            if early is not None:
-                raise early
-            return
-        await future
+                return
+        _settle(future, early)
+
+    def unacknowledged(self) -> int:
+        """QoS 1/2 messages paho holds (in flight or queued) that the broker has not acked."""
+        return len(self._client._out_messages)
+
+    def take_inline(self, topic_prefix: str, handler: InlineHandler) -> None:
+        """Show messages on topics starting with ``topic_prefix`` to ``handler`` first.
+
+        It runs on paho's network thread, before the message is queued for the
+        loop, and returns True if it took the message. It must not block (no
+        disk, no waiting): everything it declines goes the usual way. For the
+        hot request/answer path, where handing each message to the loop (a
+        thread wake-up) costs more than answering it.
+        """
+        self._inline = (*self._inline, (topic_prefix, handler))
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now and again after every reconnect; waits for the SUBACK."""
@@ -342,6 +394,14 @@ class MqttClient:
             expiry_s=props.expiry_s,
             received=time.monotonic(),
         )
+        for prefix, handler in self._inline:
+            if message.topic.startswith(prefix):
+                try:
+                    if handler(message):
+                        return
+                except Exception:  # a bug there must not end paho's thread
+                    log.exception("inline message handler failed", extra={"topic": msg.topic})
+                break
         self._call(self.messages.put_nowait, message)
 
     def _ack(self, mid: int, error: Exception | None) -> None:

@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.mqtt_client import FileRegion, MqttClient, MqttError
+from agent.mqtt_client import FileRegion, Message, MqttClient, MqttError
 from tests.fleet_device import device_settings
 from tests.mqtt_broker import CONTROLLER_IDENTITY, BrokerFactory, MosquittoBroker
 
@@ -119,6 +120,54 @@ def test_a_burst_of_messages_and_acks_reaches_the_loop_complete_and_in_order(
             assert receiver.messages.empty()
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_inline_handlers_take_messages_on_the_network_thread_and_decline_the_rest(
+    mqtt_broker: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """take_inline: the handler sees only its topics, on paho's thread; what it takes
+    is not queued, what it declines (or fails on) is; publish_nowait works from it."""
+    base = "edge/devices/dev-inline"
+    seen: list[tuple[bytes, int]] = []
+
+    async def scenario() -> None:
+        async with receiver_and_sender(mqtt_broker, "dev-inline", f"{base}/#") as (
+            receiver,
+            sender,
+        ):
+
+            def handler(message: Message) -> bool:
+                seen.append((message.payload, threading.get_ident()))
+                if message.payload.startswith(b"take"):
+                    receiver.publish_nowait(message.topic, b"echo:" + message.payload)
+                    return True
+                if message.payload == b"boom":
+                    raise RuntimeError("handler bug")
+                return False
+
+            receiver.take_inline(f"{base}/health", handler)
+            for topic, payload in [
+                (f"{base}/health", b"take-1"),
+                (f"{base}/health", b"keep-1"),
+                (f"{base}/state", b"take-other"),  # not the handler's topic
+                (f"{base}/health", b"boom"),
+                (f"{base}/health", b"take-2"),
+            ]:
+                await sender.publish(topic, payload, qos=1)
+            queued = {(await asyncio.wait_for(receiver.messages.get(), 10)).payload
+                      for _ in range(5)}
+            assert queued == {b"keep-1", b"take-other", b"boom", b"echo:take-1", b"echo:take-2"}
+            await asyncio.sleep(0.3)
+            assert receiver.messages.empty()
+            assert sorted(p for p, _ in seen) == sorted(
+                [b"take-1", b"keep-1", b"boom", b"take-2", b"echo:take-1", b"echo:take-2"]
+            )
+            assert threading.get_ident() not in {t for _, t in seen}
+            assert len({t for _, t in seen}) == 1  # paho's network thread
+
+    with caplog.at_level(logging.ERROR, logger="agent.mqtt"):
+        asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert "inline message handler failed" in caplog.text
 
 
 @pytest.mark.parametrize("qos", [0, 1])

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -143,6 +144,7 @@ class ServeStats:
     errors: int = 0
     dropped: int = 0  # requests that could not be answered at all (bad topic)
     shed: int = 0  # requests left unanswered because the device has stopped waiting
+    inline: int = 0  # of the chunks, those answered on the MQTT network thread
     by_device: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
@@ -152,6 +154,7 @@ class ServeStats:
             "errors": self.errors,
             "dropped": self.dropped,
             "shed": self.shed,
+            "inline": self.inline,
         }
 
 
@@ -192,26 +195,33 @@ def open_blob(store: ArtifactStore, sha256: str) -> _OpenBlob | None:
 
 
 class _BlobCache:
-    """Recently served blobs, open. Used on the loop only: a hit costs no system call."""
+    """Recently served blobs, open: a hit costs no system call.
+
+    Used from the loop and from the MQTT network thread (inline answers).
+    """
 
     def __init__(self, capacity: int = MAX_OPEN_BLOBS) -> None:
         self._capacity = capacity
         self._open: OrderedDict[str, _OpenBlob] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, sha256: str) -> _OpenBlob | None:
-        blob = self._open.get(sha256)
-        if blob is not None:
-            self._open.move_to_end(sha256)
-        return blob
+        with self._lock:
+            blob = self._open.get(sha256)
+            if blob is not None:
+                self._open.move_to_end(sha256)
+            return blob
 
     def put(self, sha256: str, blob: _OpenBlob) -> None:
-        self._open[sha256] = blob
-        self._open.move_to_end(sha256)
-        while len(self._open) > self._capacity:
-            self._open.popitem(last=False)  # closes once no answer holds it
+        with self._lock:
+            self._open[sha256] = blob
+            self._open.move_to_end(sha256)
+            while len(self._open) > self._capacity:
+                self._open.popitem(last=False)  # closes once no answer holds it
 
     def close(self) -> None:
-        self._open.clear()
+        with self._lock:
+            self._open.clear()
 
 
 class ChunkServer:
@@ -237,6 +247,7 @@ class ChunkServer:
         # Blobs are opened on a thread of their own, not on the loop.
         self._reader = BackgroundThread("chunk-read", nice=0)
         self._blobs = _BlobCache()
+        self._stats_lock = threading.Lock()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_REQUESTS)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -245,6 +256,8 @@ class ChunkServer:
         return request_subscription(self.prefix, self.share_group)
 
     async def start(self) -> None:
+        if self._rate.bytes_per_s <= 0:  # a send-rate cap needs the loop's timers
+            self.client.take_inline(f"{self.prefix}/artifacts/request/", self.answer_inline)
         await self.client.subscribe(self.subscription, qos=1)
 
     def handles(self, topic: str) -> bool:
@@ -271,33 +284,55 @@ class ChunkServer:
         await self._reader.close()  # opens already handed over finish first
         self._blobs.close()
 
+    def answer_inline(self, message: Message) -> bool:
+        """On the MQTT network thread: answer a good request for an open blob at once.
+
+        That is nearly every request of a download, and then the loop is not
+        woken for it, nor for the broker's acknowledgement of the answer.
+        Anything else is declined (False) and takes the loop's path: a blob
+        to open (disk), a refusal to send, shedding, or a backlog of answers
+        the broker has not acknowledged (the loop's path bounds it).
+        """
+        if self.client.unacknowledged() >= MAX_CONCURRENT_REQUESTS:
+            return False
+        device = device_of_request_topic(self.prefix, message.topic)
+        if device is None or self._expired(message):
+            return False
+        try:
+            request = self._check(message, device)
+        except ChunkRequestError:
+            return False
+        blob = self._blobs.get(request.sha256)
+        if blob is None or request.offset >= blob.size:
+            return False
+        region = _region(blob, request)
+        try:
+            self.client.publish_nowait(
+                artifacts_topic(self.prefix, device),
+                region,
+                correlation_data=message.correlation_data,
+                user_properties=_chunk_properties(request),
+                expiry_s=_expiry_left(message),
+            )
+        except MqttError:
+            return False
+        self._served(device, region.length, inline=True)
+        return True
+
     async def _answer(self, message: Message) -> None:
         device = device_of_request_topic(self.prefix, message.topic)
         if device is None:
             self.stats.dropped += 1
             log.warning("chunk request on a bad topic dropped", extra={"topic": message.topic})
             return
-        reply_to = artifacts_topic(self.prefix, device)
-        correlation = message.correlation_data
-        if (
-            message.expiry_s is not None
-            and _time_left(message) - self._rate.delay() < SHED_BELOW_S
-        ):
+        if self._expired(message, self._rate.delay()):
             # Overload: the answer (after its turn under the send-rate limit) would
             # reach a device that has given up on it; answering only adds to the load.
             self.stats.shed += 1
             return
+        reply_to = artifacts_topic(self.prefix, device)
         try:
-            if message.response_topic != reply_to:
-                raise ChunkRequestError(
-                    "bad_request",
-                    f"response topic {message.response_topic!r} is not {reply_to!r}",
-                )
-            if not correlation or len(correlation) > MAX_CORRELATION_BYTES:
-                raise ChunkRequestError(
-                    "bad_request", f"correlation data missing or over {MAX_CORRELATION_BYTES} bytes"
-                )
-            request = parse_chunk_request(device, message.payload, self.max_chunk_bytes)
+            request = self._check(message, device)
             region = await self._locate(request)
         except ChunkRequestError as error:
             self.stats.errors += 1
@@ -308,7 +343,7 @@ class ChunkServer:
             await self._send(
                 reply_to,
                 chunk_error_payload(error),
-                correlation,
+                message.correlation_data,
                 {"schema": SCHEMA_CHUNK_ERROR, "version": str(SCHEMA_VERSION)},
                 _expiry_left(message),
             )
@@ -317,18 +352,38 @@ class ChunkServer:
         await self._send(
             reply_to,
             region,
-            correlation,
-            {
-                "schema": SCHEMA_CHUNK,
-                "version": str(SCHEMA_VERSION),
-                "sha256": request.sha256,
-                "offset": str(request.offset),
-            },
+            message.correlation_data,
+            _chunk_properties(request),
             _expiry_left(message),
         )
-        self.stats.chunks += 1
-        self.stats.bytes += region.length
-        self.stats.by_device[device] = self.stats.by_device.get(device, 0) + 1
+        self._served(device, region.length)
+
+    def _check(self, message: Message, device: str) -> ChunkRequest:
+        """Pure: the request ``message`` carries from ``device``, or ChunkRequestError."""
+        reply_to = artifacts_topic(self.prefix, device)
+        if message.response_topic != reply_to:
+            raise ChunkRequestError(
+                "bad_request",
+                f"response topic {message.response_topic!r} is not {reply_to!r}",
+            )
+        correlation = message.correlation_data
+        if not correlation or len(correlation) > MAX_CORRELATION_BYTES:
+            raise ChunkRequestError(
+                "bad_request", f"correlation data missing or over {MAX_CORRELATION_BYTES} bytes"
+            )
+        return parse_chunk_request(device, message.payload, self.max_chunk_bytes)
+
+    @staticmethod
+    def _expired(message: Message, wait_s: float = 0.0) -> bool:
+        """True if an answer sent ``wait_s`` from now would come too late to be used."""
+        return message.expiry_s is not None and _time_left(message) - wait_s < SHED_BELOW_S
+
+    def _served(self, device: str, length: int, inline: bool = False) -> None:
+        with self._stats_lock:  # the loop and the network thread both count
+            self.stats.inline += inline
+            self.stats.chunks += 1
+            self.stats.bytes += length
+            self.stats.by_device[device] = self.stats.by_device.get(device, 0) + 1
 
     async def _locate(self, request: ChunkRequest) -> FileRegion:
         """Where the requested bytes are in a stored blob (the answer is sent from the file).
@@ -352,7 +407,7 @@ class ChunkServer:
                 request.sha256,
                 request.offset,
             )
-        return FileRegion(blob, request.offset, min(request.length, size - request.offset))
+        return _region(blob, request)
 
     async def _send(
         self,
@@ -374,6 +429,20 @@ class ChunkServer:
         except MqttError as exc:
             # The device re-requests what times out; nothing else to do here.
             log.warning("chunk answer not delivered", extra={"topic": topic, "reason": str(exc)})
+
+
+def _region(blob: _OpenBlob, request: ChunkRequest) -> FileRegion:
+    """The requested bytes (the last chunk may be shorter); ``request.offset`` is in the blob."""
+    return FileRegion(blob, request.offset, min(request.length, blob.size - request.offset))
+
+
+def _chunk_properties(request: ChunkRequest) -> dict[str, str]:
+    return {
+        "schema": SCHEMA_CHUNK,
+        "version": str(SCHEMA_VERSION),
+        "sha256": request.sha256,
+        "offset": str(request.offset),
+    }
 
 
 def _time_left(message: Message) -> float:
