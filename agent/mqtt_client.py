@@ -218,8 +218,8 @@ class MqttClient:
         within that many seconds (an answer nobody waits for any more).
         ``payload`` may be a ``FileRegion``: sent from the file, not from memory.
         """
-        waits = qos > 0 and wait_ack
-        future = self._loop_or_fail().create_future() if waits else None
+        loop = self._loop_or_fail()
+        future = loop.create_future() if qos > 0 and wait_ack else None
         self._publish(
             topic, payload, qos, retain, response_topic, correlation_data, user_properties,
             expiry_s, future,
