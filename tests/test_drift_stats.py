@@ -347,7 +347,13 @@ def test_js_is_a_bounded_symmetric_distance(pq: tuple[Any, Any]) -> None:
     assert 0.0 <= d <= 1.0
     assert d == pytest.approx(drift.js_distance(q, p), abs=1e-12)
     assert drift.js_distance(p, p) == pytest.approx(0.0, abs=1e-7)
-    assert d == pytest.approx(float(jensenshannon(p, q, base=2)), abs=1e-7)
+    expected = float(jensenshannon(p, q, base=2))
+    if np.isnan(expected):
+        # scipy takes the square root of a divergence that rounding can leave a hair
+        # below zero; that happens only for (numerically) equal distributions.
+        assert np.allclose(p / p.sum(), q / q.sum(), rtol=0.0, atol=1e-12)
+        expected = 0.0
+    assert d == pytest.approx(expected, abs=1e-7)
 
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)

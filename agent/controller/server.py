@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from agent.background import BackgroundThread
@@ -145,7 +145,6 @@ class ServeStats:
     dropped: int = 0  # requests that could not be answered at all (bad topic)
     shed: int = 0  # requests left unanswered because the device has stopped waiting
     inline: int = 0  # of the chunks, those answered on the MQTT network thread
-    by_device: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -316,7 +315,7 @@ class ChunkServer:
             )
         except MqttError:
             return False
-        self._served(device, region.length, inline=True)
+        self._served(region.length, inline=True)
         return True
 
     async def _answer(self, message: Message) -> None:
@@ -356,7 +355,7 @@ class ChunkServer:
             _chunk_properties(request),
             _expiry_left(message),
         )
-        self._served(device, region.length)
+        self._served(region.length)
 
     def _check(self, message: Message, device: str) -> ChunkRequest:
         """Pure: the request ``message`` carries from ``device``, or ChunkRequestError."""
@@ -378,12 +377,11 @@ class ChunkServer:
         """True if an answer sent ``wait_s`` from now would come too late to be used."""
         return message.expiry_s is not None and _time_left(message) - wait_s < SHED_BELOW_S
 
-    def _served(self, device: str, length: int, inline: bool = False) -> None:
+    def _served(self, length: int, inline: bool = False) -> None:
         with self._stats_lock:  # the loop and the network thread both count
             self.stats.inline += inline
             self.stats.chunks += 1
             self.stats.bytes += length
-            self.stats.by_device[device] = self.stats.by_device.get(device, 0) + 1
 
     async def _locate(self, request: ChunkRequest) -> FileRegion:
         """Where the requested bytes are in a stored blob (the answer is sent from the file).

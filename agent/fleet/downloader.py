@@ -247,8 +247,10 @@ class PartialFile:
             position += count
         if _sync_file_range is not None:
             # Start writing the chunk to disk now, without waiting: the fsyncs of the
-            # checkpoints and of finish() then find little left to write.
-            _sync_file_range(self._fd, offset, end - offset, _WRITE_NOW)
+            # checkpoints and of finish() then find little left to write. Only a hint:
+            # a write error surfaces in those fsyncs.
+            with contextlib.suppress(OSError):
+                _sync_file_range(self._fd, offset, end - offset, _WRITE_NOW)
         if offset == self.hashed:  # in order (the usual case): hash what is in memory
             self._digest.update(data)
             self.hashed = end
