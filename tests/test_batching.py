@@ -346,13 +346,19 @@ def test_a_lone_client_stops_paying_the_queue_delay_and_load_brings_batching_bac
         finally:
             await aio.close()
 
-    asyncio.run(burst())
-    final = stats(agent, "lonely")
-    grew = {
-        size: n - after.batch_executions.get(size, 0)
-        for size, n in final.batch_executions.items()
-        if n - after.batch_executions.get(size, 0) > 0
-    }
+    # Batching comes back once two requests are queued at once. On a loaded 2-core
+    # host one burst's requests can trickle in no faster than they run, so up to
+    # three bursts (bounded), stopping at the first that batches.
+    for _ in range(3):
+        asyncio.run(burst())
+        final = stats(agent, "lonely")
+        grew = {
+            size: n - after.batch_executions.get(size, 0)
+            for size, n in final.batch_executions.items()
+            if n - after.batch_executions.get(size, 0) > 0
+        }
+        if max(grew) > 1:
+            break
     assert max(grew) > 1, f"batch sizes run under load: {grew}"
 
 
