@@ -378,21 +378,35 @@ def _flood(agent: AgentProcess, model: str, count: int, batch: int) -> list[str]
     return asyncio.run(run())
 
 
+def _flood_until_full_queue_admitted(agent: AgentProcess, model: str, batch: int) -> None:
+    """Floods of 16: each is answered OK or RESOURCE_EXHAUSTED (some of both), as the
+    model's statistics count them; at least one flood gets the one running and the two
+    queued through. On a loaded host the worker may not have taken the first request
+    off the queue before the next two arrive (then only two fit), so up to three
+    floods, stopping at the first that admits three."""
+    ok = 0
+    outcomes: list[str] = []
+    for _ in range(3):
+        before = stats(agent, model)
+        outcomes = _flood(agent, model, count=16, batch=batch)
+        ok = outcomes.count("OK")
+        full = outcomes.count("StatusCode.RESOURCE_EXHAUSTED")
+        assert ok + full == len(outcomes), outcomes
+        assert full >= 1, outcomes
+        after = stats(agent, model)
+        assert after.execution_count - before.execution_count == ok
+        assert after.fail - before.fail == full
+        if ok >= 3:
+            break
+    assert ok >= 3, outcomes  # the one running and the two queued
+
+
 def test_dynamic_batching_queue_full_answers_resource_exhausted(
     bounded_agent: AgentProcess,
 ) -> None:
     # Batch 2 = max_batch_size: no two requests can share a run, so one runs and at
     # most 2 (max_queue_size) wait; a flood of 16 must see RESOURCE_EXHAUSTED.
-    before = stats(bounded_agent, "slow_queue2")
-    outcomes = _flood(bounded_agent, "slow_queue2", count=16, batch=2)
-    ok = outcomes.count("OK")
-    full = outcomes.count("StatusCode.RESOURCE_EXHAUSTED")
-    assert ok + full == len(outcomes), outcomes
-    assert ok >= 3, outcomes  # the one running and the two queued
-    assert full >= 1, outcomes
-    after = stats(bounded_agent, "slow_queue2")
-    assert after.execution_count - before.execution_count == ok
-    assert after.fail - before.fail == full
+    _flood_until_full_queue_admitted(bounded_agent, "slow_queue2", batch=2)
 
 
 def test_queue_full_message_names_the_model(bounded_agent: AgentProcess) -> None:
@@ -425,16 +439,7 @@ def test_direct_scheduler_queue_full_answers_resource_exhausted(
 ) -> None:
     # No dynamic batching, one instance, runtime.default_max_queue_size = 2:
     # one runs, two wait, the rest of a flood is turned away.
-    before = stats(bounded_agent, "slow_direct")
-    outcomes = _flood(bounded_agent, "slow_direct", count=16, batch=1)
-    ok = outcomes.count("OK")
-    full = outcomes.count("StatusCode.RESOURCE_EXHAUSTED")
-    assert ok + full == len(outcomes), outcomes
-    assert ok >= 3, outcomes
-    assert full >= 1, outcomes
-    after = stats(bounded_agent, "slow_direct")
-    assert after.execution_count - before.execution_count == ok
-    assert after.fail - before.fail == full
+    _flood_until_full_queue_admitted(bounded_agent, "slow_direct", batch=1)
 
 
 def test_queue_frees_up_after_a_flood(bounded_agent: AgentProcess) -> None:
