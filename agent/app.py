@@ -14,6 +14,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.common.logs import configure_logging
 from agent.config import (
     DEFAULT_CONFIG_PATH,
     STOP_HOOKS_TIMEOUT_S,
@@ -21,16 +22,15 @@ from agent.config import (
     ServerConfig,
     build_config,
 )
-from agent.dataplane import DataPlane
 from agent.errors import AgentError, ConfigError
-from agent.grpc_server import HealthReporter, TlsFiles, build_server
-from agent.logs import configure_logging
-from agent.model_manager import UNAVAILABLE, LoadSettings, ModelManager, ModelReader
-from agent.onnx_runtime import SessionOptions, share_thread_pools
-from agent.state_store import StateStore
-from agent.systemd import Notifier
+from agent.fleet.state_store import StateStore
+from agent.serving.dataplane import DataPlane
+from agent.serving.grpc_server import HealthReporter, TlsFiles, build_server
+from agent.serving.model_manager import UNAVAILABLE, LoadSettings, ModelManager, ModelReader
+from agent.serving.onnx_runtime import SessionOptions, share_thread_pools
+from agent.system.notify import Notifier
+from agent.system.watchdog import Run, Watchdog, start_watchdog
 from agent.telemetry.publisher import TelemetryService
-from agent.watchdog import Run, Watchdog, start_watchdog
 
 if TYPE_CHECKING:
     # Imported where used, so that a feature that is off costs no memory or start-up
@@ -262,7 +262,7 @@ class Agent:
     async def _start_fleet(self) -> None:
         """Connect to the broker in the background; a broker that is away is retried."""
         from agent.fleet.updater import mqtt_settings
-        from agent.mqtt_client import MqttClient
+        from agent.mqtt.client import MqttClient
 
         assert self.updater is not None  # MQTT on: start() created it
         device = self.updater.settings.device_id

@@ -19,7 +19,7 @@ EXIT_FAILURE = 1
 
 def _serve(args: argparse.Namespace) -> int:
     from agent.app import read_config, serve
-    from agent.logs import configure_logging
+    from agent.common.logs import configure_logging
 
     overrides: dict[str, dict[str, Any]] = {}
     if args.address is not None:

@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 
 from agent.errors import ConfigError
-from agent.fleet.tags import MAX_TAGS, TAG_PATTERN, is_tag
+from agent.protocol.tags import MAX_TAGS, TAG_PATTERN, is_tag
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 MIB = 1024 * 1024

@@ -2,7 +2,7 @@
 
 Every failure the agent reports to a client or upstream is one of these. Each
 class carries a stable ``code`` (used in MQTT reports and logs); the gRPC status
-mapping lives in one table in ``agent.grpc_status``.
+mapping lives in one table in ``agent.serving.grpc_status``.
 """
 
 from __future__ import annotations

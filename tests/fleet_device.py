@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.mqtt_client import Message, MqttClient, MqttSettings
+from agent.mqtt.client import Message, MqttClient, MqttSettings
 from agent.signing import keys
 from agent.signing.version_dir import sign_version
 from tests.mqtt_broker import MosquittoBroker

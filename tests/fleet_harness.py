@@ -3,7 +3,7 @@
 Never imports ``agent.wire`` (directly or through agent modules that do), so a
 test using it can also use tritonclient; the agent runs as a subprocess.
 
-``TestController`` is a real MQTT client (agent.mqtt_client on its own event
+``TestController`` is a real MQTT client (agent.mqtt.client on its own event
 loop thread) acting as the fleet controller: it publishes signed deployments,
 answers chunk requests from an in-memory blob table (with knobs to delay,
 corrupt or stretch answers) and records everything devices report.
@@ -27,8 +27,8 @@ import onnx
 from cryptography.hazmat.primitives.asymmetric import ec
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.fleet.deployment import sign_deployment
-from agent.mqtt_client import Message, MqttClient, MqttSettings
+from agent.mqtt.client import Message, MqttClient, MqttSettings
+from agent.protocol.deployment import sign_deployment
 from agent.signing.keys import private_key_pem, public_key_pem
 from agent.signing.version_dir import sign_version
 from tests.agent_process import write_toml

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from agent.mqtt_client import Message, MqttClient, MqttError, MqttSettings
+from agent.mqtt.client import Message, MqttClient, MqttError, MqttSettings
 from tests.fleet_device import device_settings
 from tests.mqtt_broker import CONTROLLER_IDENTITY, MosquittoBroker, TlsMaterial
 

@@ -1,4 +1,4 @@
-"""agent.buffers: large verified files are read into anonymous memory that can be let go
+"""agent.common.buffers: large verified files are read into anonymous memory that can be let go
 without holding the GIL, and every consumer (hashing, signature check, onnxruntime via
 the sealed memfd, validation) takes it like bytes."""
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.buffers import MAPPED_FROM_BYTES, as_bytes, read_whole, release
+from agent.common.buffers import MAPPED_FROM_BYTES, as_bytes, read_whole, release
 from agent.fleet.validation import validate_model
-from agent.onnx_runtime import OnnxSession, SessionOptions
+from agent.serving.onnx_runtime import OnnxSession, SessionOptions
 from agent.signing.keys import TrustStore
 from agent.signing.version_dir import verify_version
 from tests.fleet_device import make_signed_version, make_signing_keys

@@ -33,8 +33,8 @@ from agent.controller.server import (
     parse_chunk_request,
 )
 from agent.controller.store import ArtifactStore
-from agent.fleet.deployment import DeviceContext, verify_deployment
-from agent.mqtt_client import Message, MqttClient
+from agent.mqtt.client import Message, MqttClient
+from agent.protocol.deployment import DeviceContext, verify_deployment
 from agent.signing.keys import TrustStore, load_public_key
 from agent.signing.oms import key_id, pae
 from tests.controller_process import (
@@ -352,7 +352,7 @@ def test_serve_answers_chunk_requests_with_exact_bytes(fleet: Fleet) -> None:
     # it): the model's first (asked alone) and at most the signature's first window of 3.
     # The rest are answered on the network thread.
     assert stopped["inline"] >= stopped["chunks"] - (1 + 3)
-    # glibc here: serve keeps chunk-sized buffers in the heap (agent/allocator.py).
+    # glibc here: serve keeps chunk-sized buffers in the heap (agent/common/allocator.py).
     serving = next(e for e in controller.events if e.get("msg") == "serving")
     assert serving["allocator_tuned"] is (platform.libc_ver()[0] == "glibc")
     assert stopped["chunks"] >= 2 + -(-MODEL_BYTES // MAX_CHUNK)

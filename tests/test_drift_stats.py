@@ -1,6 +1,6 @@
 """Drift statistics against independent implementations, on known distributions.
 
-Stated tolerances (see agent/telemetry/drift.py for why):
+Stated tolerances (see agent/telemetry/drift/statistics.py for why):
 
 * PSI: the formula, over the profile's decile bins with the outer bins open,
   shares floored at 1e-4: equal to 1e-12.
@@ -32,8 +32,8 @@ from hypothesis.extra import numpy as hnp
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp, wasserstein_distance
 
-from agent.telemetry import drift
-from agent.telemetry.drift import (
+from agent.telemetry.drift import statistics as drift
+from agent.telemetry.drift.statistics import (
     CategoricalReference,
     DriftThresholds,
     DriftWindow,

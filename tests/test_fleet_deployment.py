@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.errors import VerificationError
-from agent.fleet import deployment as dep
-from agent.fleet.deployment import (
+from agent.protocol import deployment as dep
+from agent.protocol.deployment import (
     Deployment,
     DeviceContext,
     check_signed_manifest,

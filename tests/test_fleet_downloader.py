@@ -21,7 +21,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.fleet import downloader as downloader_module
-from agent.fleet.deployment import DeploymentFile, DigestMismatchError
 from agent.fleet.downloader import (
     ArtifactNotFoundError,
     ChunkInvalidError,
@@ -31,6 +30,7 @@ from agent.fleet.downloader import (
     PartialFile,
     RangeSet,
 )
+from agent.protocol.deployment import DeploymentFile, DigestMismatchError
 
 
 def artifact(path: str, data: bytes) -> DeploymentFile:

@@ -28,7 +28,7 @@ import tritonclient.grpc as grpcclient
 from cryptography.hazmat.primitives.asymmetric import ec
 from tritonclient.utils import InferenceServerException
 
-from agent.fleet.deployment import sign_deployment
+from agent.protocol.deployment import sign_deployment
 from agent.signing.keys import TrustStore
 from agent.signing.version_dir import verify_version
 from tests.agent_process import AgentProcess

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from agent.fleet.validation import ValidationFailedError, validate_model
-from agent.onnx_runtime import SessionOptions
+from agent.serving.onnx_runtime import SessionOptions
 from tests.fleet_harness import scale_model
 
 OPTIONS = SessionOptions()

@@ -1,4 +1,4 @@
-"""agent.mqtt_client against a real mosquitto: acknowledgement bookkeeping."""
+"""agent.mqtt.client against a real mosquitto: acknowledgement bookkeeping."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.mqtt_client import FileRegion, Message, MqttClient, MqttError
+from agent.mqtt.client import FileRegion, Message, MqttClient, MqttError
 from tests.fleet_device import device_settings
 from tests.mqtt_broker import CONTROLLER_IDENTITY, BrokerFactory, MosquittoBroker
 
@@ -175,7 +175,7 @@ def test_messages_arrive_whole_with_their_properties_on_the_copy_saving_paths(
     mqtt_broker: MosquittoBroker, qos: int
 ) -> None:
     """Large packets skip paho's copies on both ends, and properties take our codec
-    (agent.mqtt_client._PahoClient): every payload must still arrive byte for byte, with
+    (agent.mqtt.client._PahoClient): every payload must still arrive byte for byte, with
     topic, properties and QoS, large or small."""
     topic = "edge/devices/dev-big/artifacts"
     big = [bytes([i]) * 100 + bytes(range(256)) * (1024 + 37 * i) for i in range(3)]
@@ -200,7 +200,7 @@ def test_messages_arrive_whole_with_their_properties_on_the_copy_saving_paths(
                 assert m.correlation_data == b"corr-%d" % i
                 assert m.user_properties == props
                 assert m.expiry_s is not None and 0 < m.expiry_s <= 30
-            # All four were decoded by agent.mqtt_codec; the three large ones (and only
+            # All four were decoded by agent.mqtt.codec; the three large ones (and only
             # they) were queued as views.
             assert receiver._client.publishes_decoded == 4
             assert sender._client.packets_viewed == 3

@@ -1,4 +1,4 @@
-"""agent.mqtt_codec against paho's own property codec, both ways, and bad headers."""
+"""agent.mqtt.codec against paho's own property codec, both ways, and bad headers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
-from agent.mqtt_codec import (
+from agent.mqtt.codec import (
     MalformedPublish,
     PublishProperties,
     decode_publish_header,
@@ -106,7 +106,7 @@ def test_paho_reads_the_publish_headers_we_frame(
     dup: bool,
     payload: bytes,
 ) -> None:
-    """A payload sent from a file follows a header we frame (agent.mqtt_client.FileRegion)."""
+    """A payload sent from a file follows a header we frame (agent.mqtt.client.FileRegion)."""
     header = encode_publish_header(
         topic, mid, qos, retain, dup, encode_properties(props), len(payload)
     )

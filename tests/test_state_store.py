@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.state_store import (
+from agent.fleet.state_store import (
     AgentState,
     JobRecord,
     ModelRecord,
@@ -122,7 +122,7 @@ def test_sigkill_during_saves_leaves_an_old_or_a_new_state(tmp_path: Path) -> No
         import sys
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
         from pathlib import Path
-        from agent.state_store import AgentState, StateStore, ModelRecord
+        from agent.fleet.state_store import AgentState, StateStore, ModelRecord
         store = StateStore(Path({str(tmp_path)!r}))
         n = store.load().highest_sequence
         print("ready", flush=True)

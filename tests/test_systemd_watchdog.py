@@ -1,4 +1,4 @@
-"""agent.systemd and agent.watchdog in this process, with real sockets and a real
+"""agent.system.notify and agent.system.watchdog in this process, with real sockets and a real
 event loop: the parts the subprocess tests cannot reach (a blocked event loop,
 abstract socket addresses, WATCHDOG_PID for another process, no watchdog)."""
 
@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.systemd import Notifier
-from agent.watchdog import Run, Watchdog, start_watchdog
+from agent.system.notify import Notifier
+from agent.system.watchdog import Run, Watchdog, start_watchdog
 from tests.systemd_support import NotifyListener
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.mqtt_client import MqttClient, MqttSettings
+from agent.mqtt.client import MqttClient, MqttSettings
 from agent.telemetry.outbox import OUTBOX_FILENAME, Outbox, OutboxLimits
 from tests.agent_process import REPO_ROOT, AgentProcess, write_toml
 from tests.mqtt_broker import MosquittoBroker

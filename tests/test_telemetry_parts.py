@@ -23,16 +23,9 @@ from hypothesis import strategies as st
 
 from agent.config import build_config
 from agent.errors import ConfigError
-from agent.stats import LATENCY_BOUNDS_NS, ModelStats
-from agent.telemetry.drift import (
-    DriftThresholds,
-    ProfileError,
-    build_profile,
-    compare_window,
-)
-from agent.telemetry.health import latency_percentiles
-from agent.telemetry.monitor import DriftMonitor
-from agent.telemetry.profile_io import (
+from agent.serving.stats import LATENCY_BOUNDS_NS, ModelStats
+from agent.telemetry.drift.monitor import DriftMonitor
+from agent.telemetry.drift.profile_io import (
     PROFILE_FILENAME,
     TensorInfo,
     encode_profile,
@@ -41,6 +34,13 @@ from agent.telemetry.profile_io import (
     read_reference_data,
     write_profile,
 )
+from agent.telemetry.drift.statistics import (
+    DriftThresholds,
+    ProfileError,
+    build_profile,
+    compare_window,
+)
+from agent.telemetry.health import latency_percentiles
 from agent.telemetry.publisher import MAX_MESSAGE_BYTES, _fit, encode, thresholds_for
 
 # -- latency histogram --------------------------------------------------------------------
@@ -48,7 +48,7 @@ from agent.telemetry.publisher import MAX_MESSAGE_BYTES, _fit, encode, threshold
 
 def _histogram(latencies_ns: Any) -> ModelStats:
     stats = ModelStats()
-    from agent.stats import ExecutionTimings
+    from agent.serving.stats import ExecutionTimings
 
     t = ExecutionTimings(1, 0, 0, 0)
     for ns in latencies_ns:
@@ -369,7 +369,7 @@ def test_oversized_drift_message_keeps_the_most_severe_features() -> None:
 @settings(max_examples=20)
 @given(st.floats(0.0, 1.0))
 def test_band_levels(value: float) -> None:
-    from agent.telemetry.drift import Band
+    from agent.telemetry.drift.statistics import Band
 
     band = Band(0.1, 0.2)
     assert band.level(value) == (2 if value >= 0.2 else 1 if value >= 0.1 else 0)
@@ -418,8 +418,9 @@ def test_pure_telemetry_modules_import_no_protobuf_code() -> None:
 
     code = (
         "import sys\n"
-        "import agent.telemetry.drift, agent.telemetry.profile_io, agent.telemetry.outbox\n"
-        "import agent.telemetry.monitor, agent.telemetry.health, agent.telemetry.publisher\n"
+        "import agent.telemetry.drift.statistics, agent.telemetry.drift.profile_io\n"
+        "import agent.telemetry.outbox\n"
+        "import agent.telemetry.drift.monitor, agent.telemetry.health, agent.telemetry.publisher\n"
         "import tritonclient.grpc\n"
         "bad = sorted(m for m in sys.modules if m.startswith(('agent.wire', 'onnxruntime')))\n"
         "assert not bad, bad\n"

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from agent.background import BACKGROUND_NICE, BackgroundThread
+from agent.common.background import BACKGROUND_NICE, BackgroundThread
 from tests.agent_process import AgentProcess, write_toml
 from tests.serving_models import make_repository, row_wise_model, serving_config
 
@@ -33,8 +33,8 @@ SESSIONS_SCRIPT = textwrap.dedent(
     """
     import os, sys, threading
     sys.path.insert(0, sys.argv[1])
-    from agent.background import _lower_priority as lower_priority
-    from agent.onnx_runtime import (
+    from agent.common.background import _lower_priority as lower_priority
+    from agent.serving.onnx_runtime import (
         OnnxSession, SessionOptions, share_thread_pools, starts_no_threads)
 
     def threads():

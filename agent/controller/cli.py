@@ -117,7 +117,7 @@ async def _publish_deployment(
     config: ControllerConfig, issued: IssuedDeployment, timeout: float
 ) -> None:
     from agent.controller.deploy import publish_deployment
-    from agent.mqtt_client import MqttClient
+    from agent.mqtt.client import MqttClient
 
     client = MqttClient(config.broker)
     await client.start()
@@ -131,7 +131,7 @@ async def _publish_deployment(
 def run_deploy(args: argparse.Namespace) -> int:
     from agent.controller.deploy import issue_deployment
     from agent.controller.store import ArtifactNotFoundError, ArtifactStore
-    from agent.mqtt_client import MqttError
+    from agent.mqtt.client import MqttError
     from agent.signing import keys
 
     try:
@@ -191,8 +191,8 @@ def run_rollout_command(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from agent.common.logs import configure_logging
     from agent.controller.service import serve
-    from agent.logs import configure_logging
 
     try:
         config = _config(args)

@@ -63,10 +63,10 @@ from typing import Any
 
 import jsonschema
 
-from agent.controller.protocol import DEFAULT_MAX_CHUNK_BYTES, check_prefix, check_share_group
 from agent.errors import ConfigError
-from agent.fleet.tags import TAG_PATTERN
-from agent.mqtt_client import MqttSettings
+from agent.mqtt.client import MqttSettings
+from agent.protocol.tags import TAG_PATTERN
+from agent.protocol.topics import DEFAULT_MAX_CHUNK_BYTES, check_prefix, check_share_group
 
 DEFAULT_CONTROLLER_CONFIG = Path("/etc/edge-agent/controller.toml")
 

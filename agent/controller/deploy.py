@@ -3,7 +3,7 @@
 A deployment names the devices, the model version and every file's digest and
 size (from the store's manifest), a fresh deployment id, a sequence number the
 store issues strictly increasing, and its validity window. It is signed with the
-deployment key as a DSSE envelope (``agent.fleet.deployment.sign_deployment``,
+deployment key as a DSSE envelope (``agent.protocol.deployment.sign_deployment``,
 the same module the agent verifies with) and published retained, QoS 1, to each
 device's ``desired`` topic.
 """
@@ -19,16 +19,16 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.controller.protocol import (
+from agent.controller.store import ArtifactStore, ModelManifest
+from agent.errors import AgentError
+from agent.mqtt.client import MqttClient
+from agent.protocol.deployment import sign_deployment
+from agent.protocol.topics import (
     SCHEMA_DEPLOYMENT,
     SCHEMA_VERSION,
     desired_topic,
     is_device_id,
 )
-from agent.controller.store import ArtifactStore, ModelManifest
-from agent.errors import AgentError
-from agent.fleet.deployment import sign_deployment
-from agent.mqtt_client import MqttClient
 
 DEFAULT_EXPIRES_IN_S: Final = 7 * 24 * 3600
 DEFAULT_PROBATION_S: Final = 60

@@ -11,7 +11,7 @@ Groups come from the controller config: ``[groups] name = ["dev-001", "edge-*",
 known from their reports, and ``tag:<tag>``: the known devices whose latest
 reported state carries that tag). A device reporting tags is also in the group
 ``tag:<tag>`` of each, declared or not. Tags that break the rule of
-:mod:`agent.fleet.tags` are ignored.
+:mod:`agent.protocol.tags` are ignored.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from agent.controller.rollout import DeviceObservation
-from agent.fleet.tags import reported_tags
+from agent.protocol.tags import reported_tags
 
 PATTERN_CHARS: Final = frozenset("*?[")
 TAG_PREFIX: Final = "tag:"

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 
 from agent.controller import fleetview
 from agent.controller import rollout as ro
-from agent.controller.protocol import report_subscriptions, split_report_topic
 from agent.controller.status import StatusBook
-from agent.mqtt_client import MqttClient, MqttSettings
+from agent.mqtt.client import MqttClient, MqttSettings
+from agent.protocol.topics import report_subscriptions, split_report_topic
 
 
 class FleetFollower:

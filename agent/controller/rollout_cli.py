@@ -284,7 +284,7 @@ async def _deploy_group(config: ControllerConfig, args: argparse.Namespace) -> i
 
 
 def run_deploy_group(config: ControllerConfig, args: argparse.Namespace) -> int:
-    from agent.mqtt_client import MqttError
+    from agent.mqtt.client import MqttError
 
     try:
         return asyncio.run(_deploy_group(config, args))
@@ -327,7 +327,7 @@ async def _resume(config: ControllerConfig, args: argparse.Namespace) -> int:
 
 def run_rollout(config: ControllerConfig, args: argparse.Namespace) -> int:
     from agent.controller.rollout_driver import RolloutBook
-    from agent.mqtt_client import MqttError
+    from agent.mqtt.client import MqttError
 
     book = RolloutBook(config.store_dir)
     try:

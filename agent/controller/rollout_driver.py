@@ -41,15 +41,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.controller import rollout as ro
 from agent.controller.deploy import MAX_DEVICES, IssuedDeployment, issue_deployment
-from agent.controller.protocol import desired_topic
 from agent.controller.store import ArtifactStore, StoreError, write_atomically
-from agent.mqtt_client import MqttClient
+from agent.mqtt.client import MqttClient
+from agent.protocol.topics import desired_topic
 
 log = logging.getLogger("agent.controller.rollout")
 
 LEASE_TTL_S: Final = 15.0
 _ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
-# Key order of agent.fleet.deployment.sign_deployment's envelope.
+# Key order of agent.protocol.deployment.sign_deployment's envelope.
 _ENVELOPE_ORDER: Final = ("schema", "version", "payloadType", "payload", "signatures")
 
 

@@ -26,8 +26,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Final
 
-from agent.background import BackgroundThread
-from agent.controller.protocol import (
+from agent.common.background import BackgroundThread
+from agent.common.pacing import RateLimiter
+from agent.controller.store import ArtifactStore
+from agent.mqtt.client import FileRegion, Message, MqttClient, MqttError
+from agent.protocol.topics import (
     DEFAULT_MAX_CHUNK_BYTES,
     MAX_JSON_BYTES,
     SCHEMA_CHUNK,
@@ -40,9 +43,6 @@ from agent.controller.protocol import (
     encode_json,
     request_subscription,
 )
-from agent.controller.store import ArtifactStore
-from agent.mqtt_client import FileRegion, Message, MqttClient, MqttError
-from agent.pacing import RateLimiter
 
 log = logging.getLogger("agent.controller.server")
 

@@ -15,17 +15,17 @@ from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.allocator import keep_large_buffers
-from agent.background import BackgroundThread
+from agent.common.allocator import keep_large_buffers
+from agent.common.background import BackgroundThread
 from agent.controller import rollout as ro
 from agent.controller.config import ControllerConfig
 from agent.controller.follower import observations
-from agent.controller.protocol import report_subscriptions, split_report_topic
 from agent.controller.rollout_driver import RolloutBook, RolloutDriver, owner_id
 from agent.controller.server import ChunkServer, stats_event
 from agent.controller.status import StatusBook
 from agent.controller.store import ArtifactStore, StoreError
-from agent.mqtt_client import Message, MqttClient, MqttError
+from agent.mqtt.client import Message, MqttClient, MqttError
+from agent.protocol.topics import report_subscriptions, split_report_topic
 
 log = logging.getLogger("agent.controller")
 

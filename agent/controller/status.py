@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from agent.controller.protocol import MAX_JSON_BYTES, REPORT_SCHEMAS, SCHEMA_VERSION
 from agent.controller.store import StoreError, write_atomically
+from agent.protocol.topics import MAX_JSON_BYTES, REPORT_SCHEMAS, SCHEMA_VERSION
 
 log = logging.getLogger("agent.controller.status")
 

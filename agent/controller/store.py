@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from agent.controller.protocol import SCHEMA_VERSION, SHA256_HEX, encode_json, is_model_name
 from agent.errors import AgentError
-from agent.fleet.deployment import check_file_path
+from agent.protocol.deployment import check_file_path
+from agent.protocol.topics import SCHEMA_VERSION, SHA256_HEX, encode_json, is_model_name
 from agent.signing.keys import TrustStore
 from agent.signing.oms import SIGNATURE_FILENAME
 from agent.signing.version_dir import verify_version

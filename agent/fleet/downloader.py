@@ -44,12 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from agent.background import BackgroundThread, run_in_background
+from agent.common.background import BackgroundThread, run_in_background
+from agent.common.pacing import RateLimiter
 from agent.errors import AgentError
-from agent.fleet.deployment import DeploymentFile, DigestMismatchError, load_strict_json
-from agent.mqtt_client import Message, MqttClient
-from agent.pacing import RateLimiter
-from agent.state_store import fsync_dir, write_atomically
+from agent.fleet.state_store import fsync_dir, write_atomically
+from agent.mqtt.client import Message, MqttClient
+from agent.protocol.deployment import DeploymentFile, DigestMismatchError, load_strict_json
 
 log = logging.getLogger("agent.fleet.download")
 

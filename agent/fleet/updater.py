@@ -49,12 +49,30 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent import __version__
-from agent.background import run_in_background
-from agent.buffers import FileBytes, release
+from agent.common.background import run_in_background
+from agent.common.buffers import FileBytes, release
 from agent.config import AgentConfig
 from agent.errors import AgentError, VerificationError
 from agent.fleet import lifecycle
-from agent.fleet.deployment import (
+from agent.fleet.downloader import (
+    ChunkFetcher,
+    Downloader,
+    DownloadError,
+    DownloadSettings,
+    MqttChunkFetcher,
+)
+from agent.fleet.lifecycle import Event, JobState, Phase, Reason, Recovery
+from agent.fleet.state_store import (
+    AgentState,
+    JobRecord,
+    StateStore,
+    fsync_dir,
+    remove_temporaries,
+    write_atomically,
+)
+from agent.fleet.validation import SPEC_FILE, VECTORS_FILE, validate_model
+from agent.mqtt.client import Message, MqttClient, MqttSettings, Will
+from agent.protocol.deployment import (
     CONFIG_PATH,
     MAX_MESSAGE_BYTES,
     Deployment,
@@ -66,29 +84,11 @@ from agent.fleet.deployment import (
     to_record,
     verify_deployment,
 )
-from agent.fleet.downloader import (
-    ChunkFetcher,
-    Downloader,
-    DownloadError,
-    DownloadSettings,
-    MqttChunkFetcher,
-)
-from agent.fleet.lifecycle import Event, JobState, Phase, Reason, Recovery
-from agent.fleet.validation import SPEC_FILE, VECTORS_FILE, validate_model
-from agent.model_config import complete_config, parse_config_pbtxt
-from agent.model_manager import ModelManager
-from agent.mqtt_client import Message, MqttClient, MqttSettings, Will
-from agent.onnx_runtime import OnnxSession, SessionOptions
+from agent.serving.model_config import complete_config, parse_config_pbtxt
+from agent.serving.model_manager import ModelManager
+from agent.serving.onnx_runtime import OnnxSession, SessionOptions
 from agent.signing.keys import TrustStore
 from agent.signing.version_dir import verify_version
-from agent.state_store import (
-    AgentState,
-    JobRecord,
-    StateStore,
-    fsync_dir,
-    remove_temporaries,
-    write_atomically,
-)
 from agent.wire import model_config_pb2 as mc
 
 log = logging.getLogger("agent.fleet")

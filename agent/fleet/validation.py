@@ -32,9 +32,9 @@ from typing import Any, Final
 
 import numpy as np
 
-from agent.buffers import FileBytes, as_bytes
+from agent.common.buffers import FileBytes, as_bytes
 from agent.errors import AgentError
-from agent.onnx_runtime import GraphTensor, OnnxSession, SessionOptions, zero_inputs
+from agent.serving.onnx_runtime import GraphTensor, OnnxSession, SessionOptions, zero_inputs
 
 VECTORS_FILE: Final = "validation.npz"
 SPEC_FILE: Final = "validation.json"

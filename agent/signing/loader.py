@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.buffers import FileBytes
+from agent.common.buffers import FileBytes
 from agent.errors import ConfigError
-from agent.model_manager import ModelReader
+from agent.serving.model_manager import ModelReader
 from agent.signing.keys import TrustStore
 from agent.signing.version_dir import verify_version
 

@@ -41,7 +41,7 @@ from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.buffers import FileBytes, read_whole
+from agent.common.buffers import FileBytes, read_whole
 from agent.errors import VerificationError
 from agent.signing import oms
 from agent.signing.keys import TrustStore

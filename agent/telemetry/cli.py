@@ -55,7 +55,7 @@ def add_telemetry_commands(sub: Any) -> None:
 
 def _profile(args: argparse.Namespace) -> int:
     from agent.errors import AgentError
-    from agent.telemetry.drift import ProfileError
+    from agent.telemetry.drift.statistics import ProfileError
 
     try:
         return _run(args)
@@ -69,10 +69,10 @@ def _profile(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     # The heavy imports (protobuf, onnxruntime) only for this command.
-    from agent.model_config import complete_config, model_spec, parse_config_pbtxt
-    from agent.onnx_runtime import OnnxSession, SessionOptions
-    from agent.telemetry.drift import ProfileError, ProfileOptions, build_profile
-    from agent.telemetry.profile_io import TensorInfo, read_reference_data, write_profile
+    from agent.serving.model_config import complete_config, model_spec, parse_config_pbtxt
+    from agent.serving.onnx_runtime import OnnxSession, SessionOptions
+    from agent.telemetry.drift.profile_io import TensorInfo, read_reference_data, write_profile
+    from agent.telemetry.drift.statistics import ProfileError, ProfileOptions, build_profile
     from agent.wire import model_config_pb2 as mc
 
     version_dir: Path = args.version_dir

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from agent.stats import LATENCY_BOUNDS_NS
+from agent.serving.stats import LATENCY_BOUNDS_NS
 
 if TYPE_CHECKING:
-    from agent.model_manager import ModelManager, ServingModel
+    from agent.serving.model_manager import ModelManager, ServingModel
 
 HEALTH_SCHEMA = "edge.health"
 MAX_TEMPERATURE_SENSORS = 32

@@ -26,8 +26,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from agent.stats import LATENCY_BOUNDS_NS
-from agent.telemetry.drift import WindowResult, severity
+from agent.serving.stats import LATENCY_BOUNDS_NS
+from agent.telemetry.drift.statistics import WindowResult, severity
 from agent.telemetry.health import HostProbe, ModelSnapshot
 
 log = logging.getLogger("agent.telemetry.metrics")

@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.buffers import as_bytes
-from agent.telemetry.drift import (
+from agent.common.buffers import as_bytes
+from agent.telemetry.drift.monitor import ClosedWindow, DriftMonitor, VersionKey
+from agent.telemetry.drift.profile_io import PROFILE_FILENAME, parse_profile
+from agent.telemetry.drift.statistics import (
     Band,
     DriftThresholds,
     WindowResult,
@@ -48,14 +50,12 @@ from agent.telemetry.health import (
     snapshot_models,
 )
 from agent.telemetry.metrics import MetricsServer, MetricsSnapshot
-from agent.telemetry.monitor import ClosedWindow, DriftMonitor, VersionKey
 from agent.telemetry.outbox import OUTBOX_FILENAME, Entry, Outbox, OutboxError, OutboxLimits, Stamp
-from agent.telemetry.profile_io import PROFILE_FILENAME, parse_profile
 
 if TYPE_CHECKING:
     from agent.config import TelemetryConfig
-    from agent.model_manager import ModelManager, ModelReader, ServingModel
-    from agent.mqtt_client import MqttClient
+    from agent.mqtt.client import MqttClient
+    from agent.serving.model_manager import ModelManager, ModelReader, ServingModel
 
 log = logging.getLogger("agent.telemetry")
 

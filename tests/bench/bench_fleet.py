@@ -18,7 +18,7 @@ The agent's downloader time includes what a real download does besides the
 transfer: writing the partial file, fsynced range checkpoints and the SHA-256
 of the whole file at the end.
 
-Both sides use the agent's paho adapter (agent.mqtt_client). Each setting runs
+Both sides use the agent's paho adapter (agent.mqtt.client). Each setting runs
 ``--repeat`` times and the fastest run of each side counts (shared, noisy hosts);
 the repeats are interleaved (the whole sweep, then again), so that the host's
 drift over a run reaches every setting alike.
@@ -57,7 +57,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
 from agent.controller.store import ArtifactStore
-from agent.mqtt_client import MqttClient, MqttSettings
+from agent.mqtt.client import MqttClient, MqttSettings
 from agent.signing.keys import TrustStore, write_key_pair
 from tests.controller_process import ControllerProcess, controller_toml
 from tests.fleet_device import (
@@ -203,8 +203,8 @@ def agent_downloader_available() -> bool:
 async def download_with_agent(
     broker: MosquittoBroker, sha: str, size: int, chunk: int, window: int, work: Path
 ) -> tuple[float, int]:
-    from agent.fleet.deployment import DeploymentFile
     from agent.fleet.downloader import Downloader, DownloadSettings, MqttChunkFetcher
+    from agent.protocol.deployment import DeploymentFile
 
     client = MqttClient(device_settings(broker, DEVICE, clean_start=True))
     await client.start()

@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from agent.mqtt_client import MqttClient, MqttSettings
+from agent.mqtt.client import MqttClient, MqttSettings
 from tests.bench.fleet_sim import SimFleet, SimOptions, device_names, raise_fd_limit
 from tests.controller_process import (
     ControllerProcess,

@@ -1,8 +1,8 @@
 """A fleet of simulated devices: the agent's real update client code without onnxruntime.
 
-Each simulated device is one MQTT v5 connection (``agent.mqtt_client``) with the
+Each simulated device is one MQTT v5 connection (``agent.mqtt.client``) with the
 agent's last will and retained ``reported`` state, and runs deployments the way
-the agent does up to the model runtime: ``agent.fleet.deployment.verify_deployment``
+the agent does up to the model runtime: ``agent.protocol.deployment.verify_deployment``
 (signature, device, freshness, anti-replay, anti-rollback),
 ``agent.fleet.downloader.Downloader`` over ``MqttChunkFetcher`` (windowed,
 resumable, SHA-256 checked chunks from the controllers' shared subscription),
@@ -48,14 +48,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from agent.fleet.deployment import (
-    Deployment,
-    DeploymentRejectedError,
-    DeviceContext,
-    check_signed_manifest,
-    peek_deployment_id,
-    verify_deployment,
-)
 from agent.fleet.downloader import (
     Downloader,
     DownloadError,
@@ -63,7 +55,15 @@ from agent.fleet.downloader import (
     MqttChunkFetcher,
 )
 from agent.fleet.lifecycle import IDLE, Event, IllegalTransitionError, JobState, apply, rejected
-from agent.mqtt_client import MqttClient, MqttSettings, Will
+from agent.mqtt.client import MqttClient, MqttSettings, Will
+from agent.protocol.deployment import (
+    Deployment,
+    DeploymentRejectedError,
+    DeviceContext,
+    check_signed_manifest,
+    peek_deployment_id,
+    verify_deployment,
+)
 from agent.signing.keys import TrustStore
 from agent.signing.version_dir import verify_version
 

@@ -4,7 +4,7 @@
 ``model_config.proto`` (same file name, same message names) in protobuf's one
 default descriptor pool, so whichever a process imports second fails. The
 integration tests drive a real agent through tritonclient; the tests here
-import ``agent.model_config``, ``agent.inference`` and ``agent.repository``
+import ``agent.serving.model_config``, ``agent.serving.inference`` and ``agent.serving.repository``
 directly. So this directory runs in its own pytest process:
 
     python -m pytest tests/unit                      # this directory alone

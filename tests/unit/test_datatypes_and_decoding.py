@@ -1,7 +1,7 @@
 """Pure unit tests: the BYTES wire encoding, request decoding and validation,
 ``config.pbtxt`` parsing and completion, and the repository's version policies.
 
-These import ``agent.wire`` (through ``agent.model_config``), so they live in
+These import ``agent.wire`` (through ``agent.serving.model_config``), so they live in
 tests/unit and run in their own pytest process (see tests/unit/conftest.py).
 """
 
@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from agent.datatypes import (
+from agent.errors import InvalidInputError, ModelConfigError, ModelNotFoundError
+from agent.serving.datatypes import (
     BYTES,
     ITEM_SIZES,
     NUMPY_DTYPES,
@@ -26,9 +27,8 @@ from agent.datatypes import (
     encode_bytes_tensor,
     wire_from_config_type,
 )
-from agent.errors import InvalidInputError, ModelConfigError, ModelNotFoundError
-from agent.inference import InferenceRequest, InputTensor, decode_request
-from agent.model_config import (
+from agent.serving.inference import InferenceRequest, InputTensor, decode_request
+from agent.serving.model_config import (
     BatchingSpec,
     ModelSpec,
     TensorSpec,
@@ -36,8 +36,8 @@ from agent.model_config import (
     model_spec,
     parse_config_pbtxt,
 )
-from agent.onnx_runtime import GraphTensor
-from agent.repository import check_model_name, read_model, scan_repository, select_versions
+from agent.serving.onnx_runtime import GraphTensor
+from agent.serving.repository import check_model_name, read_model, scan_repository, select_versions
 from agent.wire import model_config_pb2 as mc
 
 FIXED_TYPES = sorted(ITEM_SIZES)  # every datatype with a fixed element size

@@ -18,7 +18,7 @@ def test_this_process_has_the_agent_protobufs_and_not_tritonclient() -> None:
 def test_the_conflict_is_real() -> None:
     # If this ever starts passing, tests/unit could rejoin the main pytest run.
     result = subprocess.run(
-        [sys.executable, "-c", "import agent.model_config; import tritonclient.grpc"],
+        [sys.executable, "-c", "import agent.serving.model_config; import tritonclient.grpc"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

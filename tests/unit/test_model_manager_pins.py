@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from agent.errors import ModelNotFoundError, ModelNotReadyError
-from agent.model_manager import LoadSettings, ModelManager
-from agent.onnx_runtime import OnnxSession, SessionOptions
+from agent.serving.model_manager import LoadSettings, ModelManager
+from agent.serving.onnx_runtime import OnnxSession, SessionOptions
 from tests.fleet_harness import scale_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -138,8 +138,8 @@ PREPARED_SCRIPT = textwrap.dedent(
     import numpy as np
     sys.path.insert(0, sys.argv[1])
     from agent.errors import ModelNotFoundError
-    from agent.model_manager import LoadSettings, ModelManager
-    from agent.onnx_runtime import OnnxSession, SessionOptions, share_thread_pools
+    from agent.serving.model_manager import LoadSettings, ModelManager
+    from agent.serving.onnx_runtime import OnnxSession, SessionOptions, share_thread_pools
     from tests.fleet_harness import scale_model
 
     assert share_thread_pools(1, 0)

@@ -1,8 +1,8 @@
 """The gRPC front end: KServe v2 / Triton servicer, health and reflection.
 
 The servicer only translates between wire messages and the data plane; every
-decision lives in ``agent.dataplane``. Errors map to status codes in
-``agent.grpc_status``.
+decision lives in ``agent.serving.dataplane``. Errors map to status codes in
+``agent.serving.grpc_status``.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agent.dataplane import DataPlane
 from agent.errors import AgentError, InvalidInputError
-from agent.grpc_status import status_for
-from agent.inference import InferenceRequest, InferenceResponse, InputTensor
-from agent.model_manager import ServingModel
+from agent.serving.dataplane import DataPlane
+from agent.serving.grpc_status import status_for
+from agent.serving.inference import InferenceRequest, InferenceResponse, InputTensor
+from agent.serving.model_manager import ServingModel
 from agent.wire import grpc_service_pb2 as pb
 from agent.wire import grpc_service_pb2_grpc as pb_grpc
 

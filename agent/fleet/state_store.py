@@ -81,7 +81,7 @@ class ModelRecord:
 class JobRecord:
     """One update job (the current one, or the last one once finished)."""
 
-    deployment: dict[str, Any]  # the verified deployment (agent.fleet.deployment.to_record)
+    deployment: dict[str, Any]  # the verified deployment (agent.protocol.deployment.to_record)
     phase: str
     status: str | None
     reason_code: str = ""

@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.datatypes import BYTES, NUMPY_DTYPES, decode_bytes_tensor
-from agent.telemetry.drift import DriftWindow, ReferenceProfile
+from agent.serving.datatypes import BYTES, NUMPY_DTYPES, decode_bytes_tensor
+from agent.telemetry.drift.statistics import DriftWindow, ReferenceProfile
 
 if TYPE_CHECKING:
-    from agent.inference import DecodedRequest, OutputTensor
-    from agent.model_manager import ServingModel
-    from agent.scheduler import Completed
+    from agent.serving.inference import DecodedRequest, OutputTensor
+    from agent.serving.model_manager import ServingModel
+    from agent.serving.scheduler import Completed
 
-log = logging.getLogger("agent.telemetry.drift")
+log = logging.getLogger("agent.telemetry.drift.statistics")
 
 # (model, version, loaded_at) identifies one loaded instance of a version.
 VersionKey = tuple[str, str, float]

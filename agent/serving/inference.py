@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.datatypes import BYTES, ITEM_SIZES, NUMPY_DTYPES, as_text, decode_bytes_tensor
 from agent.errors import InvalidInputError
-from agent.model_config import ModelSpec, TensorSpec
+from agent.serving.datatypes import BYTES, ITEM_SIZES, NUMPY_DTYPES, as_text, decode_bytes_tensor
+from agent.serving.model_config import ModelSpec, TensorSpec
 
 Array = np.ndarray[Any, Any]
 

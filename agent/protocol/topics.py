@@ -1,7 +1,7 @@
 """Topic names, schema names and limits of docs/fleet-protocol.md (controller side).
 
 Identifier patterns, the JSON size limit and the deployment schema come from
-``agent.fleet.deployment``, the module devices verify deployments with.
+``agent.protocol.deployment``, the module devices verify deployments with.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import json
 import re
 from typing import Any, Final
 
-from agent.fleet.deployment import DEPLOYMENT_SCHEMA as SCHEMA_DEPLOYMENT
-from agent.fleet.deployment import DEVICE_ID, MODEL_NAME, SCHEMA_VERSION, SHA256_HEX
-from agent.fleet.deployment import MAX_MESSAGE_BYTES as MAX_JSON_BYTES
+from agent.protocol.deployment import DEPLOYMENT_SCHEMA as SCHEMA_DEPLOYMENT
+from agent.protocol.deployment import DEVICE_ID, MODEL_NAME, SCHEMA_VERSION, SHA256_HEX
+from agent.protocol.deployment import MAX_MESSAGE_BYTES as MAX_JSON_BYTES
 
 DEFAULT_MAX_CHUNK_BYTES: Final = 1024 * 1024
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")

@@ -28,7 +28,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.telemetry.drift import ProfileError, ReferenceProfile, profile_from_dict, profile_to_dict
+from agent.telemetry.drift.statistics import (
+    ProfileError,
+    ReferenceProfile,
+    profile_from_dict,
+    profile_to_dict,
+)
 
 PROFILE_FILENAME = "drift_profile.json"
 MAX_PROFILE_BYTES = 16 * 1024 * 1024

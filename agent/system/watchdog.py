@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from agent.systemd import Notifier
+from agent.system.notify import Notifier
 
-log = logging.getLogger("agent.watchdog")
+log = logging.getLogger("agent.system.watchdog")
 
 
 @dataclass(frozen=True, slots=True)

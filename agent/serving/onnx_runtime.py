@@ -24,9 +24,9 @@ from typing import Any, Final
 import numpy as np
 import onnxruntime as ort
 
-from agent.buffers import FileBytes, as_bytes
-from agent.datatypes import NUMPY_DTYPES
+from agent.common.buffers import FileBytes, as_bytes
 from agent.errors import ModelConfigError
+from agent.serving.datatypes import NUMPY_DTYPES
 
 # An edge device must not phone home: onnxruntime builds may carry a telemetry client.
 ort.disable_telemetry_events()

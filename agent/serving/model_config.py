@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf import text_format
 
-from agent.datatypes import NUMPY_DTYPES, config_type_from_wire, wire_from_config_type
 from agent.errors import ModelConfigError
-from agent.onnx_runtime import GraphTensor
+from agent.serving.datatypes import NUMPY_DTYPES, config_type_from_wire, wire_from_config_type
+from agent.serving.onnx_runtime import GraphTensor
 from agent.wire import model_config_pb2 as mc
 
 ONNX_PLATFORM = "onnxruntime_onnx"

@@ -29,8 +29,8 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.loop_calls import LoopCalls
-from agent.mqtt_codec import (
+from agent.common.loop_calls import LoopCalls
+from agent.mqtt.codec import (
     PUBLISH,
     MalformedPublish,
     PublishProperties,
@@ -440,7 +440,7 @@ class _PahoClient(paho.Client):
     field it reads, so the topic, the packet id and every property each copy
     the whole payload again (about 17 fresh 1 MiB buffers, 2.3 ms, for a 1 MiB
     chunk answer), and its property codec takes 0.07-0.12 ms per message. Here
-    a v5 PUBLISH at QoS 0/1 is decoded by ``agent.mqtt_codec``: paho is given
+    a v5 PUBLISH at QoS 0/1 is decoded by ``agent.mqtt.codec``: paho is given
     the topic and packet id alone (it builds the message and sends the PUBACK
     as ever), and the payload, copied out once, and the decoded properties are
     put on its message before any callback sees it. QoS 2 (which paho keeps
@@ -604,7 +604,7 @@ class _FilePacket:
 
 
 class _PackedProperties(Properties):
-    """PUBLISH properties already encoded by ``agent.mqtt_codec``: paho only pack()s them."""
+    """PUBLISH properties already encoded by ``agent.mqtt.codec``: paho only pack()s them."""
 
     packed: bytes
 

@@ -64,7 +64,7 @@ class ModelStats:
     # Successful requests by latency: latency[i] counts those <= LATENCY_BOUNDS_NS[i].
     latency: list[int] = field(default_factory=_latency_buckets)
     # The failed requests (of ``fail``) that are the model's or the server's fault,
-    # not the client's (see agent.dataplane): what a fleet probation judges.
+    # not the client's (see agent.serving.dataplane): what a fleet probation judges.
     faults: int = 0
 
     def record_execution(self, t: ExecutionTimings) -> None:

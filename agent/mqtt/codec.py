@@ -1,6 +1,6 @@
 """MQTT v5 PUBLISH headers: the properties the agent and controller use, as bytes.
 
-Pure functions (no I/O, no paho). ``agent.mqtt_client`` uses them in place of
+Pure functions (no I/O, no paho). ``agent.mqtt.client`` uses them in place of
 paho's ``Properties`` codec on every PUBLISH it sends with properties or
 receives at QoS 0/1. paho's codec looks every property up by name in a table
 of all of MQTT's properties, field by field: about 0.04 ms to build and pack a
@@ -11,7 +11,7 @@ few microseconds.
 Layout (MQTT 5.0, 3.3.2): topic (2-byte length + UTF-8), packet id when QoS > 0,
 property length (variable byte integer) and the properties, then the payload.
 ``encode_publish_header`` frames everything of a PUBLISH before its payload, for
-payloads sent from a file (``agent.mqtt_client.FileRegion``).
+payloads sent from a file (``agent.mqtt.client.FileRegion``).
 """
 
 from __future__ import annotations

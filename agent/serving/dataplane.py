@@ -16,10 +16,15 @@ from agent.errors import (
     QueueFullError,
     ServerUnavailableError,
 )
-from agent.inference import DecodedRequest, InferenceRequest, InferenceResponse, decode_request
-from agent.model_manager import ModelManager, ServingModel
-from agent.repository import check_model_name
-from agent.scheduler import Completed
+from agent.serving.inference import (
+    DecodedRequest,
+    InferenceRequest,
+    InferenceResponse,
+    decode_request,
+)
+from agent.serving.model_manager import ModelManager, ServingModel
+from agent.serving.repository import check_model_name
+from agent.serving.scheduler import Completed
 from agent.wire import model_config_pb2 as mc
 
 SERVER_NAME = "edge-agent"

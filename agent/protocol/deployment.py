@@ -71,7 +71,7 @@ MAX_PATH_DEPTH: Final = 8
 MAX_COMPONENT_LENGTH: Final = 255
 MAX_PROBATION_S: Final = 7 * 24 * 3600
 
-# The same shapes as docs/fleet-protocol.md and agent.repository (which this pure
+# The same shapes as docs/fleet-protocol.md and agent.serving.repository (which this pure
 # module must not import: it pulls in agent.wire, which cannot share a process
 # with tritonclient).
 DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

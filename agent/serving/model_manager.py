@@ -24,26 +24,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.background import call_in_background
-from agent.buffers import FileBytes, release
+from agent.common.background import call_in_background
+from agent.common.buffers import FileBytes, release
 from agent.errors import AgentError, ModelNotFoundError, ModelNotReadyError
-from agent.model_config import ModelSpec, complete_config, model_spec, parse_config_pbtxt
-from agent.onnx_runtime import (
+from agent.serving.model_config import ModelSpec, complete_config, model_spec, parse_config_pbtxt
+from agent.serving.onnx_runtime import (
     OnnxSession,
     SessionOptions,
     shares_thread_pools,
     starts_no_threads,
     zero_inputs,
 )
-from agent.repository import (
+from agent.serving.repository import (
     RepositoryModel,
     check_model_name,
     read_model,
     scan_repository,
     select_versions,
 )
-from agent.scheduler import Scheduler, make_scheduler
-from agent.stats import ModelStats
+from agent.serving.scheduler import Scheduler, make_scheduler
+from agent.serving.stats import ModelStats
 from agent.wire import model_config_pb2 as mc
 
 log = logging.getLogger("agent.models")

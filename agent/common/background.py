@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
-from agent.loop_calls import LoopCalls
+from agent.common.loop_calls import LoopCalls
 
 T = TypeVar("T")
 

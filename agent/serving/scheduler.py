@@ -31,18 +31,18 @@ from typing import Any
 
 import numpy as np
 
-from agent.datatypes import BYTES, encode_bytes_tensor
+from agent.common.loop_calls import LoopCalls
 from agent.errors import (
     AgentError,
     DeadlineExceededError,
     InferenceFailedError,
     QueueFullError,
 )
-from agent.inference import Array, DecodedRequest, OutputTensor
-from agent.loop_calls import LoopCalls
-from agent.model_config import ModelSpec
-from agent.onnx_runtime import OnnxSession
-from agent.stats import ExecutionTimings, ModelStats
+from agent.serving.datatypes import BYTES, encode_bytes_tensor
+from agent.serving.inference import Array, DecodedRequest, OutputTensor
+from agent.serving.model_config import ModelSpec
+from agent.serving.onnx_runtime import OnnxSession
+from agent.serving.stats import ExecutionTimings, ModelStats
 
 _monotonic = time.monotonic
 _perf_ns = time.perf_counter_ns
