@@ -12,15 +12,15 @@ the file holds either the old or the new state, never a mixture.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from agent.common.durable import fsync_dir, remove_temporaries, write_atomically
 from agent.errors import AgentError
+
+__all__ = ["fsync_dir", "remove_temporaries", "write_atomically"]  # re-exported for the updater
 
 STATE_FILENAME: Final = "state.json"
 STATE_SCHEMA: Final = "edge.agent_state"
@@ -31,43 +31,6 @@ class StateError(AgentError):
     """The state directory cannot be read or written, or its file is not a valid state."""
 
     code = "state_invalid"
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory."""
-    temp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(temp, flags, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise
-
-
-def remove_temporaries(directory: Path) -> None:
-    """Delete the ``.*.tmp`` files a crash in ``write_atomically`` may leave behind."""
-    with contextlib.suppress(OSError):
-        for entry in directory.iterdir():
-            if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
-                entry.unlink(missing_ok=True)
 
 
 @dataclass(slots=True)
