@@ -32,27 +32,30 @@ from hypothesis.extra import numpy as hnp
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp, wasserstein_distance
 
+from agent.telemetry.drift import profiles
 from agent.telemetry.drift import statistics as drift
-from agent.telemetry.drift.statistics import (
+from agent.telemetry.drift.profiles import (
     CategoricalReference,
     DriftThresholds,
-    DriftWindow,
     NumericReference,
-    NumericWindow,
     ProfileError,
     build_categorical_reference,
     build_numeric_reference,
     build_profile,
+    profile_from_dict,
+    profile_to_dict,
+)
+from agent.telemetry.drift.statistics import (
+    DriftWindow,
+    NumericWindow,
     compare_window,
     ks_binned,
     ks_binning_bound,
-    profile_from_dict,
-    profile_to_dict,
     wasserstein_binned,
     wasserstein_binning_bound,
 )
 
-OPTIONS = drift.ProfileOptions()
+OPTIONS = profiles.ProfileOptions()
 REF_N = 20_000
 LIVE_N = 3_000
 
@@ -114,7 +117,7 @@ def test_statistics_match_reference_implementations(kind: str, shift: float, sca
     ref = _numeric(ref_data)
     w = _window(ref, live)
     result = drift.compare_feature(
-        drift.TensorReference("x", "input", "FP64", 1, False, (ref,)), w, DriftThresholds()
+        profiles.TensorReference("x", "input", "FP64", 1, False, (ref,)), w, DriftThresholds()
     )
 
     assert result.psi == pytest.approx(_psi_by_formula(ref, live), abs=1e-12)
@@ -145,7 +148,7 @@ def test_categorical_psi_and_js_match_formula_and_scipy() -> None:
     w = drift.CategoricalWindow(ref)
     w.add(live)
     result = drift.compare_feature(
-        drift.TensorReference("c", "input", "BYTES", 1, False, (ref,)), w, DriftThresholds()
+        profiles.TensorReference("c", "input", "BYTES", 1, False, (ref,)), w, DriftThresholds()
     )
     expected = ref.frequencies
     actual = w.counts / w.count
@@ -167,7 +170,7 @@ def _tabular(rng: np.random.Generator, n: int, shift: float = 0.0) -> dict[str, 
     return {"x": x, "label": label, "color": color}
 
 
-def _profile(rng: np.random.Generator) -> drift.ReferenceProfile:
+def _profile(rng: np.random.Generator) -> profiles.ReferenceProfile:
     d = _tabular(rng, REF_N)
     return build_profile(
         "m", "1",
@@ -178,7 +181,7 @@ def _profile(rng: np.random.Generator) -> drift.ReferenceProfile:
 
 
 def _run_window(
-    profile: drift.ReferenceProfile, data: dict[str, Any], batch: int = 16
+    profile: profiles.ReferenceProfile, data: dict[str, Any], batch: int = 16
 ) -> drift.WindowResult:
     w = DriftWindow(profile)
     n = data["x"].shape[0]

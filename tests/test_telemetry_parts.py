@@ -34,12 +34,8 @@ from agent.telemetry.drift.profile_io import (
     read_reference_data,
     write_profile,
 )
-from agent.telemetry.drift.statistics import (
-    DriftThresholds,
-    ProfileError,
-    build_profile,
-    compare_window,
-)
+from agent.telemetry.drift.profiles import DriftThresholds, ProfileError, build_profile
+from agent.telemetry.drift.statistics import compare_window
 from agent.telemetry.health import latency_percentiles
 from agent.telemetry.publisher import MAX_MESSAGE_BYTES, _fit, encode, thresholds_for
 
@@ -369,7 +365,7 @@ def test_oversized_drift_message_keeps_the_most_severe_features() -> None:
 @settings(max_examples=20)
 @given(st.floats(0.0, 1.0))
 def test_band_levels(value: float) -> None:
-    from agent.telemetry.drift.statistics import Band
+    from agent.telemetry.drift.profiles import Band
 
     band = Band(0.1, 0.2)
     assert band.level(value) == (2 if value >= 0.2 else 1 if value >= 0.1 else 0)

@@ -55,7 +55,7 @@ def add_telemetry_commands(sub: Any) -> None:
 
 def _profile(args: argparse.Namespace) -> int:
     from agent.errors import AgentError
-    from agent.telemetry.drift.statistics import ProfileError
+    from agent.telemetry.drift.profiles import ProfileError
 
     try:
         return _run(args)
@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     from agent.serving.model_config import complete_config, model_spec, parse_config_pbtxt
     from agent.serving.onnx_runtime import OnnxSession, SessionOptions
     from agent.telemetry.drift.profile_io import TensorInfo, read_reference_data, write_profile
-    from agent.telemetry.drift.statistics import ProfileError, ProfileOptions, build_profile
+    from agent.telemetry.drift.profiles import ProfileError, ProfileOptions, build_profile
     from agent.wire import model_config_pb2 as mc
 
     version_dir: Path = args.version_dir

@@ -34,14 +34,8 @@ from agent import __version__
 from agent.common.buffers import as_bytes
 from agent.telemetry.drift.monitor import ClosedWindow, DriftMonitor, VersionKey
 from agent.telemetry.drift.profile_io import PROFILE_FILENAME, parse_profile
-from agent.telemetry.drift.statistics import (
-    Band,
-    DriftThresholds,
-    WindowResult,
-    compare_window,
-    is_crossing,
-    severity,
-)
+from agent.telemetry.drift.profiles import Band, DriftThresholds
+from agent.telemetry.drift.statistics import WindowResult, compare_window, is_crossing, severity
 from agent.telemetry.health import (
     HEALTH_SCHEMA,
     HostProbe,

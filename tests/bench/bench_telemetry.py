@@ -43,11 +43,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))
 
 from agent.telemetry.drift.profile_io import read_profile  # noqa: E402
-from agent.telemetry.drift.statistics import (  # noqa: E402
-    DriftThresholds,
-    DriftWindow,
-    compare_window,
-)
+from agent.telemetry.drift.profiles import DriftThresholds  # noqa: E402
+from agent.telemetry.drift.statistics import DriftWindow, compare_window  # noqa: E402
 from agent.telemetry.outbox import Outbox, OutboxLimits, Stamp  # noqa: E402
 from tests.agent_process import AgentProcess, write_toml  # noqa: E402
 from tests.mqtt_broker import MosquittoBroker  # noqa: E402

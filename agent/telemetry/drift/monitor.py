@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agent.serving.datatypes import BYTES, NUMPY_DTYPES, decode_bytes_tensor
-from agent.telemetry.drift.statistics import DriftWindow, ReferenceProfile
+from agent.telemetry.drift.profiles import ReferenceProfile
+from agent.telemetry.drift.statistics import DriftWindow
 
 if TYPE_CHECKING:
     from agent.serving.inference import DecodedRequest, OutputTensor

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.telemetry.drift.statistics import (
+from agent.telemetry.drift.profiles import (
     ProfileError,
     ReferenceProfile,
     profile_from_dict,
