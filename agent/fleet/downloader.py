@@ -170,8 +170,17 @@ class RangeSet:
 class PartialFile:
     """``<dir>/<sha256>.part`` (the bytes) and ``<sha256>.ranges`` (what is durable)."""
 
-    def __init__(self, directory: Path, artifact: DeploymentFile) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        artifact: DeploymentFile,
+        fsync: Callable[[int], None] = os.fsync,
+        max_unrecorded: int = CHECKPOINT_EVERY_BYTES,
+    ) -> None:
         self.artifact = artifact
+        self._fsync = fsync
+        # Written bytes the record may lag behind before writers wait for it.
+        self.max_unrecorded = max_unrecorded
         self.part = directory / f"{artifact.sha256}.part"
         self.ranges_path = directory / f"{artifact.sha256}.ranges"
         self.durable = RangeSet()
@@ -257,23 +266,34 @@ class PartialFile:
         self.written.add(offset, end)
         self.hash_prefix(self.written.prefix())  # chunks that came early, now in order
 
+    def unrecorded(self) -> int:
+        """Bytes written that the ranges record does not claim yet."""
+        return self.written.total() - self.durable.total()
+
     async def checkpoint(self, force: bool = False) -> None:
-        """fsync the data, then record the ranges that are now durable."""
+        """fsync the data, then record the ranges that are now durable.
+
+        Back-pressure: once ``max_unrecorded`` bytes are unrecorded, the caller waits
+        for a checkpoint that covers its own write, however long the fsync takes, so
+        the bytes on disk but not in the record stay under ``max_unrecorded`` plus one
+        chunk per writer (the bound docs/fleet-updates.md states).
+        """
+        behind = self.unrecorded() >= self.max_unrecorded
         if (
             not force
+            and not behind
             and time.monotonic() - self._last_checkpoint < CHECKPOINT_EVERY_S
-            and self.written.total() - self.durable.total() < CHECKPOINT_EVERY_BYTES
         ):
             return
         assert self._checkpointing is not None
-        if self._checkpointing.locked() and not force:
-            return  # one is under way; the next call after it catches up
+        if self._checkpointing.locked() and not force and not behind:
+            return  # one is under way (on time alone); the next call after it catches up
         async with self._checkpointing:
             self._last_checkpoint = time.monotonic()
             snapshot = RangeSet(self.written.ranges)
             if snapshot == self.durable:
                 return
-            await asyncio.to_thread(os.fsync, self._fd)
+            await asyncio.to_thread(self._fsync, self._fd)
             doc = {
                 "schema": RANGES_SCHEMA,
                 "version": 1,
@@ -308,7 +328,7 @@ class PartialFile:
                 f"{self.artifact.path}: downloaded content has SHA-256 {digest.hexdigest()}, "
                 f"the deployment declares {self.artifact.sha256}"
             )
-        os.fsync(self._fd)
+        self._fsync(self._fd)
         self.close()
         first = destinations[0]
         first.parent.mkdir(parents=True, exist_ok=True)
@@ -562,15 +582,23 @@ class Downloader:
         fetcher: ChunkFetcher,
         settings: DownloadSettings,
         on_progress: ProgressCallback | None = None,
+        *,
+        fsync: Callable[[int], None] = os.fsync,
     ) -> None:
         self.directory = directory
         self.fetcher = fetcher
         self.settings = settings
+        self._fsync = fsync  # the data's fsync (tests pass a slow one)
         self.on_progress = on_progress
         self.requests = 0  # chunk requests sent (for tests and benchmarks)
         self.hashed_in_transfer = 0  # bytes hashed while the transfer still ran
         self.window = AdaptiveWindow(settings.window)
         self._pace = RateLimiter(settings.max_bytes_per_s)
+
+    def unrecorded_bound(self) -> int:
+        """The most bytes of a file that can be on disk but not in its ranges record:
+        the back-pressure threshold plus one chunk per request in the window."""
+        return CHECKPOINT_EVERY_BYTES + self.settings.window * self.settings.chunk_bytes
 
     async def download(self, targets: Sequence[tuple[DeploymentFile, Path]]) -> None:
         """Make every destination hold its artifact (verified by SHA-256)."""
@@ -595,7 +623,8 @@ class Downloader:
                         await asyncio.to_thread(copy_durably, source, dest)
                 done_bytes += artifact.size
                 continue
-            partial = PartialFile(self.directory, artifact)
+            partial = PartialFile(self.directory, artifact, self._fsync,
+                                  CHECKPOINT_EVERY_BYTES)
             try:
                 await asyncio.to_thread(partial.open)
             except OSError as exc:
