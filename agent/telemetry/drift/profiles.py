@@ -199,12 +199,6 @@ def cell_index(edges: FloatArray, values: FloatArray) -> IntArray:
     return idx.astype(np.int64)
 
 
-def cell_counts(edges: FloatArray, values: FloatArray) -> IntArray:
-    """Histogram of finite ``values`` over the cells of :func:`cell_index`."""
-    idx = cell_index(edges, values)
-    return np.bincount(idx, minlength=len(edges) + 1).astype(np.int64)
-
-
 def _coarse_map(fine: FloatArray, coarse: FloatArray) -> IntArray:
     # Fine cell i (1..n-1) spans [fine[i-1], fine[i]); the coarse bin holding it
     # is the one whose left edge is the last coarse edge <= fine[i-1].
