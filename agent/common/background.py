@@ -85,10 +85,9 @@ class BackgroundThread:
     chunk. The thread is niced once and is never used for anything else.
 
     Calls go over a SimpleQueue and results come back through ``LoopCalls`` (an
-    eventfd the loop watches, one wake-up per burst): a round trip costs under a
-    third of the CPU of a ThreadPoolExecutor's (its futures, their locks and a
-    self-pipe write per result; about 60 against 200 us here), which counts once
-    per chunk of a download.
+    eventfd the loop watches, one wake-up per burst): a round trip costs a
+    fraction of a ThreadPoolExecutor's (its futures, their locks and a self-pipe
+    write per result), which counts once per chunk of a download.
     One loop only: the one that makes the first call.
     """
 

@@ -1,8 +1,8 @@
 """Large file contents held in anonymous memory, so that letting go of them is cheap.
 
 Freeing a bytes object of a few hundred MB hands its pages back to the kernel
-(munmap) while holding the GIL: about 8 ms per 100 MB on the 2-core development
-machine, during which no request makes progress. That happened once per model
+(munmap) while holding the GIL, during which no request makes progress
+(docs/architecture.md, "Measured costs"). That happened once per model
 load, right at the switch of an update. An anonymous ``mmap`` releases the GIL
 for that munmap (closed or collected), so large files are read into one.
 Releasing it on the event loop would still block the loop for the syscall:

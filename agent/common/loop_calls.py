@@ -9,8 +9,8 @@ thread must win the GIL back before it can go on.
 
 The wake-up is an eventfd the loop watches (add_reader): one write on the
 calling thread, one read on the loop. call_soon_threadsafe's self-pipe costs
-the loop a handle more and a failing recv per wake-up (about 10 us per round
-trip for a small inference); it is the fallback where eventfd or add_reader is
+the loop a handle more and a failing recv per wake-up (measured in
+docs/architecture.md, "Measured costs"); it is the fallback where eventfd or add_reader is
 not available, or where nobody can say when the last call has been made
 (``eventfd=False``: the descriptor is never closed then, so none is opened).
 """

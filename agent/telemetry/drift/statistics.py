@@ -30,9 +30,8 @@ the traffic. Per window and feature:
   bin edges (the ``fine_bins`` quantiles plus the 0.1/0.2/0.5% and
   99.5/99.8/99.9% ones, and the reference min and max). The exact two-sample
   statistic can differ only by what happens *inside* a fine bin, so
-  ``|KS_binned - KS_exact| <= max over bins of max(ref share, live share)``
-  (about 0.01 with percentile bins when the live data is not piled into one
-  bin; in practice under 0.01); see :func:`ks_binning_bound`.
+  ``|KS_binned - KS_exact| <= max over bins of max(ref share, live share)``;
+  see :func:`ks_binning_bound`.
 * Wasserstein-1 between the reference and the window divided by the
   reference std. Within each fine bin the signed area between the two CDFs is
   exact (the profile keeps each bin's reference mean, the window each bin's
