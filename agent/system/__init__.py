@@ -1,1 +1,1 @@
-"""agent/system"""
+"""The service manager's side: systemd notifications and the watchdog."""
