@@ -1,4 +1,8 @@
-"""agent.mqtt.client against a real mosquitto: acknowledgement bookkeeping."""
+"""agent.mqtt.client against a real mosquitto: acknowledgement bookkeeping.
+
+Every behaviour test runs twice: on the fast path (agent.mqtt.fast_path, where the
+installed paho is one it was tested with) and on paho's public API alone
+(PUBLIC_PATH_ENV=1, what any other paho release gets)."""
 
 from __future__ import annotations
 
@@ -11,13 +15,54 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt
+import paho.mqtt.client as paho_client
 import pytest
 
-from agent.mqtt.client import FileRegion, Message, MqttClient, MqttError
+from agent.mqtt import fast_path
+from agent.mqtt.client import (
+    PUBLIC_PATH_ENV,
+    FileRegion,
+    Message,
+    MqttClient,
+    MqttError,
+    MqttSettings,
+)
 from tests.fleet_device import device_settings
 from tests.mqtt_broker import CONTROLLER_IDENTITY, BrokerFactory, MosquittoBroker
 
 MID_SPACE = 65535  # paho's message ids run 1..65535 and wrap
+
+
+@pytest.fixture(autouse=True, params=["fast", "public"])
+def mqtt_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which path the clients of a test take; "fast" is skipped where paho is untested."""
+    if request.param == "fast" and not fast_path.AVAILABLE:
+        pytest.skip(f"fast path untested on paho {paho.mqtt.__version__}")
+    if request.param == "public":
+        monkeypatch.setenv(PUBLIC_PATH_ENV, "1")
+    else:
+        monkeypatch.delenv(PUBLIC_PATH_ENV, raising=False)
+    return str(request.param)
+
+
+def fast_counters(client: MqttClient) -> fast_path.FastClient:
+    assert isinstance(client._client, fast_path.FastClient)
+    return client._client
+
+
+def test_the_fast_path_is_taken_exactly_where_paho_is_a_tested_release(mqtt_path: str) -> None:
+    settings = MqttSettings(client_id="never-started")  # constructed only, never connects
+    installed_tested = paho.mqtt.__version__ in fast_path.TESTED_PAHO_VERSIONS
+    assert fast_path.AVAILABLE is installed_tested
+    assert not fast_path.supported("2.0.0") and not fast_path.supported("3.0.0")
+    default = MqttClient(settings)
+    assert default.fast_path is (installed_tested and mqtt_path == "fast")
+    assert isinstance(default._client, fast_path.FastClient) is default.fast_path
+    # The constructor flag overrides the environment one way only: to the public path.
+    assert MqttClient(settings, fast_path=False).fast_path is False
+    assert type(MqttClient(settings, fast_path=False)._client) is paho_client.Client
+    assert MqttClient(settings, fast_path=True).fast_path is installed_tested
 
 
 @contextlib.asynccontextmanager
@@ -172,7 +217,7 @@ def test_inline_handlers_take_messages_on_the_network_thread_and_decline_the_res
 
 @pytest.mark.parametrize("qos", [0, 1])
 def test_messages_arrive_whole_with_their_properties_on_the_copy_saving_paths(
-    mqtt_broker: MosquittoBroker, qos: int
+    mqtt_broker: MosquittoBroker, qos: int, mqtt_path: str
 ) -> None:
     """Large packets skip paho's copies on both ends, and properties take our codec
     (agent.mqtt.client._PahoClient): every payload must still arrive byte for byte, with
@@ -200,17 +245,20 @@ def test_messages_arrive_whole_with_their_properties_on_the_copy_saving_paths(
                 assert m.correlation_data == b"corr-%d" % i
                 assert m.user_properties == props
                 assert m.expiry_s is not None and 0 < m.expiry_s <= 30
-            # All four were decoded by agent.mqtt.codec; the three large ones (and only
-            # they) were queued as views.
-            assert receiver._client.publishes_decoded == 4
-            assert sender._client.packets_viewed == 3
+            if mqtt_path == "fast":
+                # All four were decoded by agent.mqtt.codec; the three large ones (and
+                # only they) were queued as views.
+                assert fast_counters(receiver).publishes_decoded == 4
+                assert fast_counters(sender).packets_viewed == 3
+            else:
+                assert not receiver.fast_path and not sender.fast_path
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
 @pytest.mark.parametrize("transport", ["tcp", "tls"])
 def test_a_payload_sent_from_a_file_arrives_byte_for_byte(
-    mosquitto_factory: BrokerFactory, tmp_path: Path, transport: str
+    mosquitto_factory: BrokerFactory, tmp_path: Path, transport: str, mqtt_path: str
 ) -> None:
     """A FileRegion payload goes from the page cache to the socket (sendfile) on plain
     TCP, in pieces through TLS; either way the receiver gets exactly the region's bytes
@@ -249,8 +297,9 @@ def test_a_payload_sent_from_a_file_arrives_byte_for_byte(
                 assert message.payload == data[offset : offset + length]
                 assert message.correlation_data == b"c%d" % i
                 assert message.user_properties == {"offset": str(offset)}
-            assert sender._client.files_sent == len(regions)
-            assert sender._client.packets_viewed == 0  # no copy of the payload was made
+            if mqtt_path == "fast":
+                assert fast_counters(sender).files_sent == len(regions)
+                assert fast_counters(sender).packets_viewed == 0  # no copy of the payload
         finally:
             await sender.stop()
             await receiver.stop()
@@ -259,7 +308,7 @@ def test_a_payload_sent_from_a_file_arrives_byte_for_byte(
 
 
 def test_a_file_payload_published_while_offline_is_sent_from_the_file_on_reconnect(
-    mqtt_broker: MosquittoBroker, tmp_path: Path
+    mqtt_broker: MosquittoBroker, tmp_path: Path, mqtt_path: str
 ) -> None:
     """paho keeps an unacknowledged QoS 1 message and sends it again after a reconnect;
     a FileRegion must survive that (and the descriptor must stay open until then)."""
@@ -288,12 +337,16 @@ def test_a_file_payload_published_while_offline_is_sent_from_the_file_on_reconne
                 )
                 await asyncio.sleep(0.2)
                 assert not publishing.done()
-                assert sender._client.files_sent == 0  # refused for now: no connection
+                assert sender.unacknowledged() == 1  # paho holds it while offline
+                if mqtt_path == "fast":
+                    assert fast_counters(sender).files_sent == 0  # refused for now: offline
                 mqtt_broker.start()
                 await asyncio.wait_for(publishing, 20)
+            assert sender.unacknowledged() == 0
             message = await asyncio.wait_for(receiver.messages.get(), 20)
             assert message.payload == data[1:-1]
-            assert sender._client.files_sent == 1  # the resend, from the file
+            if mqtt_path == "fast":
+                assert fast_counters(sender).files_sent == 1  # the resend, from the file
         finally:
             await sender.stop()
             await receiver.stop()

@@ -6,6 +6,12 @@ a 1 MiB chunk download is dozens of messages a second), so the rest of the
 agent (and the controller) only sees coroutines and a message queue.
 MQTT v5 only; persistent sessions (clean_start false + session expiry) so QoS 1
 messages wait at the broker while a device is away.
+
+Only paho's public API is used here. The copy-free fast path for large
+messages and FileRegion payloads (``agent.mqtt.fast_path``, the one module
+that touches paho's internals) is taken on the paho releases it was tested
+with, unless ``MqttClient(fast_path=False)`` or PUBLIC_PATH_ENV=1 asks for
+the public path; on any other paho release the public path is taken.
 """
 
 from __future__ import annotations
@@ -24,20 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.exception import MalformedPacket
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.common.loop_calls import LoopCalls
-from agent.mqtt.codec import (
-    PUBLISH,
-    MalformedPublish,
-    PublishProperties,
-    decode_publish_header,
-    encode_properties,
-    encode_publish_header,
-)
+from agent.mqtt import fast_path as fast
+from agent.mqtt.codec import PublishProperties, encode_properties
 
 log = logging.getLogger("agent.mqtt")
 
@@ -96,11 +95,12 @@ class OpenFile(Protocol):
 class FileRegion:
     """A payload that stays in its file: ``length`` bytes of ``file`` from ``offset``.
 
-    Sent with sendfile() on plain TCP (the bytes go from the page cache to the
-    socket, never through Python), read in pieces on paho's thread over TLS.
-    The client keeps ``file`` referenced until the message is acknowledged (it
-    may have to send it again after a reconnect), so whatever closes the
-    descriptor must wait for the last reference to go.
+    On the fast path: sent with sendfile() on plain TCP (the bytes go from the
+    page cache to the socket, never through Python), read in pieces on paho's
+    thread over TLS; the client keeps ``file`` referenced until the message is
+    acknowledged (it may have to send it again after a reconnect), so whatever
+    closes the descriptor must wait for the last reference to go. On the public
+    path the region is read into memory when it is published.
     """
 
     file: OpenFile
@@ -108,16 +108,27 @@ class FileRegion:
     length: int
 
 
+# Set to 1 to keep to paho's public API even where the fast path is tested.
+PUBLIC_PATH_ENV = "EDGE_AGENT_MQTT_PUBLIC_PATH"
+
 ConnectHook = Callable[[], Coroutine[Any, Any, None]]
 # Sees a message on paho's network thread; True if it took it (it is then not queued).
 InlineHandler = Callable[[Message], bool]
 
 
 class MqttClient:
-    def __init__(self, settings: MqttSettings, will: Will | None = None) -> None:
+    def __init__(
+        self, settings: MqttSettings, will: Will | None = None, *, fast_path: bool | None = None
+    ) -> None:
+        """``fast_path``: None takes it where tested (and PUBLIC_PATH_ENV is not 1),
+        False never; True asks for it, but an untested paho still gets the public path."""
         self.settings = settings
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client = _PahoClient(
+        if fast_path is None:
+            fast_path = os.environ.get(PUBLIC_PATH_ENV, "") not in ("1", "true", "yes")
+        self.fast_path = fast_path and fast.AVAILABLE
+        client_class = fast.FastClient if self.fast_path else paho.Client
+        self._client: paho.Client = client_class(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
             protocol=paho.MQTTv5,
@@ -150,6 +161,7 @@ class MqttClient:
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._early: dict[int, Exception | None] = {}  # acks that beat their registration
         self._unwaited: set[int] = set()  # mids published without waiting for the ack
+        self._outstanding: set[int] = set()  # QoS 1/2 mids paho holds until their ack
         self._subscriptions: dict[str, int] = {}
         self._connect_hooks: list[ConnectHook] = []
         self._inline: tuple[tuple[str, InlineHandler], ...] = ()
@@ -256,29 +268,36 @@ class MqttClient:
         future: asyncio.Future[None] | None,
     ) -> None:
         """Hand a publish to paho; ``future`` (if any) settles with the broker's PUBACK."""
-        props = None
+        props: Properties | None = None
         if response_topic or correlation_data or user_properties or expiry_s is not None:
-            try:
-                packed = encode_properties(
-                    PublishProperties(
-                        expiry_s=None if expiry_s is None else max(1, expiry_s),
-                        response_topic=response_topic or None,
-                        correlation_data=correlation_data or None,
-                        user_properties=tuple((user_properties or {}).items()),
-                    )
-                )
+            wanted = PublishProperties(
+                expiry_s=None if expiry_s is None else max(1, expiry_s),
+                response_topic=response_topic or None,
+                correlation_data=correlation_data or None,
+                user_properties=tuple((user_properties or {}).items()),
+            )
+            try:  # our codec checks the values on both paths, so both refuse alike
+                packed = encode_properties(wanted)
             except ValueError as exc:
                 raise MqttError(f"publish to {topic}: {exc}") from None
-            props = _PackedProperties(packed)
+            props = fast.packed_properties(packed) if self.fast_path else _paho_properties(wanted)
+        body: bytes
+        if isinstance(payload, FileRegion):
+            if payload.length <= 0 or payload.offset < 0:
+                raise MqttError(f"bad file region: {payload.length} bytes at {payload.offset}")
+            body = fast.file_payload(payload) if self.fast_path else _read_region(payload)
+        else:
+            body = payload
         # Not under self._lock: paho calls on_publish holding its own message lock,
         # and _ack then takes ours; holding ours here while paho takes its lock
         # would deadlock (lock-order inversion). Acks that win the race land in _early.
-        body = _FilePayload(payload) if isinstance(payload, FileRegion) else payload
         info = self._client.publish(topic, body, qos=qos, retain=retain, properties=props)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         with self._lock:
             early = self._early.pop(info.mid, _MISSING)
+            if qos > 0 and early is _MISSING:  # paho keeps it, offline too, until acked
+                self._outstanding.add(info.mid)
             if future is None:
                 if early is _MISSING and not (qos == 0 and info.rc == paho.MQTT_ERR_NO_CONN):
                     self._unwaited.add(info.mid)
@@ -290,7 +309,7 @@ class MqttClient:
 
     def unacknowledged(self) -> int:
         """QoS 1/2 messages paho holds (in flight or queued) that the broker has not acked."""
-        return len(self._client._out_messages)
+        return len(self._outstanding)
 
     def take_inline(self, topic_prefix: str, handler: InlineHandler) -> None:
         """Show messages on topics starting with ``topic_prefix`` to ``handler`` first.
@@ -406,6 +425,7 @@ class MqttClient:
 
     def _ack(self, mid: int, error: Exception | None) -> None:
         with self._lock:
+            self._outstanding.discard(mid)
             future = self._pending.pop(mid, None)
             if future is None:
                 if mid in self._unwaited:
@@ -426,197 +446,35 @@ class MqttClient:
 
 _MISSING: Any = object()
 
-# Outgoing packets below this size are queued as paho builds them.
-LARGE_PACKET_BYTES = 16 * 1024
-# A FileRegion goes through TLS in reads of this size.
-TLS_PIECE_BYTES = 256 * 1024
-_MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: hold the header for the payload
+def _paho_properties(props: PublishProperties) -> Properties:
+    out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if props.expiry_s is not None:
+        out.MessageExpiryInterval = props.expiry_s
+    if props.response_topic is not None:
+        out.ResponseTopic = props.response_topic
+    if props.correlation_data is not None:
+        out.CorrelationData = props.correlation_data
+    if props.user_properties:
+        out.UserProperty = list(props.user_properties)
+    return out
 
 
-class _PahoClient(paho.Client):
-    """paho's client, minus its copies of large packets and its slow property codec.
-
-    Receiving: paho 2.x decodes a PUBLISH by re-slicing everything after each
-    field it reads, so the topic, the packet id and every property each copy
-    the whole payload again (about 17 fresh 1 MiB buffers, 2.3 ms, for a 1 MiB
-    chunk answer), and its property codec takes 0.07-0.12 ms per message. Here
-    a v5 PUBLISH at QoS 0/1 is decoded by ``agent.mqtt.codec``: paho is given
-    the topic and packet id alone (it builds the message and sends the PUBACK
-    as ever), and the payload, copied out once, and the decoded properties are
-    put on its message before any callback sees it. QoS 2 (which paho keeps
-    until PUBREL) takes paho's own path.
-
-    Sending: paho slices the rest of an outgoing packet before every send(), a
-    fresh copy of up to the whole packet each time the socket takes part of it.
-    A large packet is queued as a memoryview instead, whose slices copy nothing.
-    A ``FileRegion`` payload is never copied into a packet at all: paho queues
-    its header and the region, and ``_sock_send`` sends the region from the file.
-    """
-
-    publishes_decoded = 0  # PUBLISH packets decoded here, not by paho (tests check it)
-    packets_viewed = 0  # large packets queued as views (tests check it)
-    files_sent = 0  # PUBLISH packets queued with a FileRegion payload (tests check it)
-    _decoded: tuple[PublishProperties, bytes] | None = None
-
-    def _send_publish(
-        self,
-        mid: int,
-        topic: bytes,
-        payload: bytes | bytearray = b"",
-        qos: int = 0,
-        retain: bool = False,
-        dup: bool = False,
-        info: paho.MQTTMessageInfo | None = None,
-        properties: Properties | None = None,
-    ) -> MQTTErrorCode:
-        # paho calls this for the first send and for every resend after a reconnect.
-        if not isinstance(payload, _FilePayload):
-            return super()._send_publish(mid, topic, payload, qos, retain, dup, info, properties)
-        if self._sock is None:
-            return MQTTErrorCode.MQTT_ERR_NO_CONN
-        packed = b"\x00" if properties is None else properties.pack()  # type: ignore[no-untyped-call]
-        region = payload.region
-        header = encode_publish_header(topic, mid, qos, retain, dup, packed, region.length)
-        self.files_sent += 1
-        packet: Any = _FilePacket(header, region)  # paho only len()s and slices it
-        return super()._packet_queue(PUBLISH, packet, mid, qos, info)
-
-    def _sock_send(self, buf: bytes | bytearray) -> int:
-        if not isinstance(buf, _FileSend):
-            return super()._sock_send(buf)
-        packet, pos = buf
-        sock = self._sock
-        if isinstance(sock, ssl.SSLSocket) or not isinstance(sock, socket.socket):
-            # No sendfile through TLS: read a piece. After a would-block, paho asks
-            # again from the same position, so the retry sends the very same bytes.
-            return super()._sock_send(packet.read(pos, TLS_PIECE_BYTES))
-        header = packet.header
-        try:
-            if pos < len(header):
-                return sock.send(header[pos:], _MSG_MORE)  # in one segment with the payload
-            region = packet.region
-            sent = os.sendfile(
-                sock.fileno(),
-                region.file.fileno(),
-                region.offset + pos - len(header),
-                len(packet) - pos,
-            )
-            if sent == 0:  # the file is shorter than the region: see _FilePacket.read
-                sent = sock.send(packet.read(pos, TLS_PIECE_BYTES))
-        except BlockingIOError:
-            self._call_socket_register_write()
-            raise
-        return sent
-
-    def _packet_queue(
-        self,
-        command: int,
-        packet: bytes | bytearray,
-        mid: int,
-        qos: int,
-        info: paho.MQTTMessageInfo | None = None,
-    ) -> MQTTErrorCode:
-        if len(packet) >= LARGE_PACKET_BYTES:
-            self.packets_viewed += 1
-            view: Any = memoryview(packet)  # paho only len()s, slices and send()s it
-            return super()._packet_queue(command, view, mid, qos, info)
-        return super()._packet_queue(command, packet, mid, qos, info)
-
-    def _handle_publish(self) -> MQTTErrorCode:
-        packet = self._in_packet["packet"]
-        qos = (self._in_packet["command"] & 0x06) >> 1
-        if qos == 2 or self._protocol != paho.MQTTv5:
-            return super()._handle_publish()
-        try:
-            header = decode_publish_header(packet, qos)
-        except MalformedPublish as exc:
-            raise MalformedPacket(str(exc)) from None  # paho: protocol error, reconnect
-        self._decoded = (header.properties, bytes(memoryview(packet)[header.payload_start :]))
-        self._in_packet["packet"] = packet[: header.properties_start] + b"\x00"  # no properties
-        self.publishes_decoded += 1
-        try:
-            return super()._handle_publish()
-        finally:
-            self._decoded = None
-
-    def _handle_on_message(self, message: paho.MQTTMessage) -> None:
-        if self._decoded is not None:
-            properties, message.payload = self._decoded
-            message.properties = properties  # type: ignore[assignment]  # read by _on_message
-        super()._handle_on_message(message)
-
-
-class _FilePayload(bytes):
-    """A FileRegion as paho's publish() takes it: empty bytes whose len() is the region's.
-
-    paho keeps it as the message's payload (for resends) and hands it to
-    ``_send_publish``, which sends the region instead.
-    """
-
-    region: FileRegion
-
-    def __new__(cls, region: FileRegion) -> _FilePayload:
-        if region.length <= 0 or region.offset < 0:
-            raise MqttError(f"bad file region: {region.length} bytes at {region.offset}")
-        payload = super().__new__(cls)
-        payload.region = region
-        return payload
-
-    def __len__(self) -> int:
-        return self.region.length
-
-
-class _FileSend(tuple[Any, int]):
-    """What paho's ``packet[pos:]`` gives for a _FilePacket: (the packet, pos)."""
-
-
-class _FilePacket:
-    """An outgoing PUBLISH: its header in memory, its payload a FileRegion."""
-
-    __slots__ = ("header", "region")
-
-    def __init__(self, header: bytes, region: FileRegion) -> None:
-        self.header = header
-        self.region = region
-
-    def __len__(self) -> int:
-        return len(self.header) + self.region.length
-
-    def __getitem__(self, key: slice) -> _FileSend:
-        return _FileSend((self, key.start or 0))
-
-    def read(self, pos: int, limit: int) -> bytes:
-        """Bytes ``[pos, pos + limit)`` of the packet (at most), read from the file."""
-        head = self.header[pos:]
-        start = max(pos - len(self.header), 0)
-        count = min(limit - len(head), self.region.length - start)
-        if count <= 0:
-            return head
-        data = os.pread(self.region.file.fileno(), count, self.region.offset + start)
-        if len(data) < count:
-            # The file shrank after the region was taken. The packet's length is on
-            # the wire already, so it is filled up with zeros: the stream stays
-            # whole, and the receiver's digest check refuses the content.
-            log.error("file shorter than its region; payload padded with zeros",
-                      extra={"length": self.region.length, "offset": self.region.offset})
-            data += bytes(count - len(data))
-        return head + data
-
-
-class _PackedProperties(Properties):
-    """PUBLISH properties already encoded by ``agent.mqtt.codec``: paho only pack()s them."""
-
-    packed: bytes
-
-    def __init__(self, packed: bytes) -> None:  # not paho's: no property tables to build
-        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
-        object.__setattr__(self, "packed", packed)
-
-    def pack(self) -> bytes:
-        return self.packed
-
-    def __str__(self) -> str:  # paho's debug log prints it
-        return f"<{len(self.packed)} bytes of encoded properties>"
+def _read_region(region: FileRegion) -> bytes:
+    """The public path's FileRegion: its bytes, read now (paho keeps them for resends)."""
+    data = b""
+    for _ in range(64):  # a regular file returns all but at its end; bounded anyway
+        piece = os.pread(region.file.fileno(), region.length - len(data),
+                         region.offset + len(data))
+        data += piece
+        if not piece or len(data) == region.length:
+            break
+    if len(data) < region.length:
+        # As on the fast path: the receiver's digest check refuses zero padding,
+        # while a short message would pass for a short chunk.
+        log.error("file shorter than its region; payload padded with zeros",
+                  extra={"length": region.length, "offset": region.offset})
+        data += bytes(region.length - len(data))
+    return data
 
 
 def _from_paho(props: Any) -> PublishProperties:
