@@ -1,0 +1,33 @@
+"""Short variants of the issue-17 campaigns in tests/bench/: each program runs as a user
+runs it (its own agent, broker and controller, all stopped by it) and the test asserts
+its printed verdict. The long variants are the same programs with bigger arguments.
+
+The slower ones are marked ``slow`` (run with ``-m slow``, or everything with
+``-m "slow or not slow"``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.agent_process import REPO_ROOT
+from tests.test_bench_smoke import run_bench
+
+BENCH = REPO_ROOT / "tests" / "bench"
+
+
+def test_grpc_fuzzing_300_cases_no_crash_no_hang_only_clean_rejections() -> None:
+    out = run_bench(BENCH / "fuzz_grpc.py", "--cases", "300", timeout=180)
+    assert "verdict: PASS" in out, out
+    ran = re.search(r"seed \d+, (\d+) cases", out)
+    assert ran and int(ran.group(1)) >= 250, out  # hypothesis may stop a little short
+    assert "crashes 0  hangs 0  bad rejections 0" in out, out
+    assert "INVALID_ARGUMENT" in out and "NOT_FOUND" in out and "ModelStreamInfer" in out
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_at_4_random_points_of_updates_always_leaves_a_verified_version() -> None:
+    out = run_bench(BENCH / "kill_points.py", "--points", "4", timeout=280)
+    assert "4/4 kill points" in out and "verdict: PASS" in out, out
