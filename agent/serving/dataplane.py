@@ -22,7 +22,7 @@ from agent.serving.inference import (
     InferenceResponse,
     decode_request,
 )
-from agent.serving.model_manager import ModelManager, ServingModel
+from agent.serving.model_manager import UNAVAILABLE, ModelManager, ServingModel
 from agent.serving.repository import check_model_name
 from agent.serving.scheduler import Completed
 from agent.wire import model_config_pb2 as mc
@@ -73,6 +73,10 @@ class IndexEntry:
     version: str
     state: str
     reason: str
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isascii() and version.isdigit() else (-1, version)
 
 
 class DataPlane:
@@ -131,6 +135,15 @@ class DataPlane:
                 entries.append(
                     IndexEntry(name, "" if version == "0" else version, state.state, state.reason)
                 )
+        if not ready_only:
+            # Version entries that cannot be versions ("²", "01", a dangling symlink).
+            for name, problems in sorted(self.models.problems().items()):
+                entries.extend(
+                    IndexEntry(name, p.version, UNAVAILABLE, p.reason)
+                    for p in problems
+                    if name and p.version
+                )
+            entries.sort(key=lambda e: (e.name, _version_order(e.version)))
         return entries
 
     async def load_model(self, name: str) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from agent.common.background import call_in_background
 from agent.common.buffers import FileBytes, release
-from agent.errors import AgentError, ModelNotFoundError, ModelNotReadyError
+from agent.errors import AgentError, ModelConfigError, ModelNotFoundError, ModelNotReadyError
 from agent.serving.model_config import ModelSpec, complete_config, model_spec, parse_config_pbtxt
 from agent.serving.onnx_runtime import (
     OnnxSession,
@@ -36,10 +36,11 @@ from agent.serving.onnx_runtime import (
     zero_inputs,
 )
 from agent.serving.repository import (
+    EntryProblem,
     RepositoryModel,
     check_model_name,
     read_model,
-    scan_repository,
+    scan_repository_entries,
     select_versions,
 )
 from agent.serving.scheduler import Scheduler, make_scheduler
@@ -82,13 +83,34 @@ class VersionState:
 
 def _fingerprint(version_dir: Path, config_text: str | None) -> tuple[tuple[str, int, int], ...]:
     # Cheap change detection for reloads; verification happens on every load anyway.
+    # Never raises: a file that cannot be stat'ed (a dangling symlink) is a change
+    # like any other, and the load that follows reports it.
     entries = [("config.pbtxt", hash(config_text), 0)]
     for root, _dirs, files in os.walk(version_dir):
         for name in sorted(files):
-            st = os.stat(os.path.join(root, name))
-            entries.append((os.path.relpath(os.path.join(root, name), version_dir),
-                            st.st_size, st.st_mtime_ns))
+            try:
+                st = os.stat(os.path.join(root, name))
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size, mtime = -1, 0
+            entries.append((os.path.relpath(os.path.join(root, name), version_dir), size, mtime))
     return tuple(sorted(entries))
+
+
+def _load_failure(exc: Exception, model: str, version: str) -> str:
+    """The reason a version did not load, for its state; unexpected errors logged in full."""
+    if isinstance(exc, (AgentError, OSError)):
+        return str(exc)
+    log.exception("unexpected error loading a model version",
+                  extra={"model": model, "version": version})
+    return f"unexpected error: {type(exc).__name__}: {exc}"
+
+
+def _log_problem(problem: EntryProblem) -> None:
+    log.warning(
+        "repository entry skipped",
+        extra={"entry": problem.entry, "model": problem.model, "reason": problem.reason},
+    )
 
 
 @dataclass(slots=True)
@@ -169,6 +191,9 @@ class ModelManager:
         self._lock = asyncio.Lock()
         self._draining: set[asyncio.Task[Any]] = set()  # retiring versions, freeing sessions
         self._pins: dict[str, int] = {}
+        # Entries that look like models or versions but cannot be (per model name; ""
+        # for names that are no model names): RepositoryIndex and telemetry show them.
+        self._problems: dict[str, tuple[EntryProblem, ...]] = {}
 
     # -- lookups (loop thread, cheap) ------------------------------------
 
@@ -200,6 +225,26 @@ class ModelManager:
 
     def states(self) -> dict[str, dict[str, VersionState]]:
         return self._states
+
+    def problems(self) -> dict[str, tuple[EntryProblem, ...]]:
+        """Unusable repository entries found by the last scan, per model name."""
+        return self._problems
+
+    def unavailable(self) -> list[dict[str, str]]:
+        """Every model version and repository entry that is not serving, and why
+        (for reports upstream)."""
+        out = [
+            {"model": name, "version": "" if v == "0" else v, "reason": s.reason}
+            for name, states in sorted(self._states.items())
+            for v, s in sorted(states.items())
+            if s.state == UNAVAILABLE
+        ]
+        out.extend(
+            {"model": p.model, "version": p.version, "entry": p.entry, "reason": p.reason}
+            for _name, found in sorted(self._problems.items())
+            for p in found
+        )
+        return out
 
     def serving(self) -> list[ServingModel]:
         return [m for versions in self._serving.values() for m in versions.values()]
@@ -247,7 +292,7 @@ class ModelManager:
     ) -> ServingModel | None:
         check_model_name(name)
         async with self._lock:
-            model = await asyncio.to_thread(read_model, self.root, name)
+            model = await self._read_model(name)
             if version is not None and version not in model.versions:
                 raise ModelNotFoundError(f"model '{name}' has no version {version} on disk")
             previous = self._pins.get(name)
@@ -275,19 +320,46 @@ class ModelManager:
     async def sync_repository(self, only: list[str] | None = None) -> None:
         """Bring what is served in line with the repository (start-up and reload)."""
         async with self._lock:
-            found = await asyncio.to_thread(scan_repository, self.root)
+            scan = await asyncio.to_thread(scan_repository_entries, self.root)
+            found = scan.models
+            for problem in scan.ignored:
+                _log_problem(problem)
+            if only is None:
+                self._problems = {"": scan.ignored} if scan.ignored else {}
+            for name, problem in scan.broken.items():
+                if only is None or name in only:
+                    self._mark_broken(name, problem)
             names = list(found) if only is None else [n for n in only if n in found]
             for name in names:
                 await self._sync_model(found[name])
             if only is None:
-                for gone in [n for n in self._states if n not in found]:
-                    await self._unload(gone, "removed from the repository")
+                gone = [n for n in self._states if n not in found and n not in scan.broken]
+                for name in gone:
+                    await self._unload(name, "removed from the repository")
             self._on_change()
+
+    async def _read_model(self, name: str) -> RepositoryModel:
+        """``read_model`` off the loop; an entry that cannot be a model is marked so."""
+        try:
+            return await asyncio.to_thread(read_model, self.root, name)
+        except ModelConfigError as exc:
+            self._mark_broken(name, EntryProblem(name, "", name, str(exc)))
+            self._on_change()
+            raise
+
+    def _mark_broken(self, name: str, problem: EntryProblem) -> None:
+        # What served under this name stops: its directory is no longer what was checked.
+        _log_problem(problem)
+        for model in self._serving.pop(name, {}).values():
+            self._retire(model)
+        self._refresh_latest(name)
+        self._states[name] = {"0": VersionState(UNAVAILABLE, problem.reason)}
+        self._problems.pop(name, None)
 
     async def load_model(self, name: str) -> None:
         check_model_name(name)
         async with self._lock:
-            model = await asyncio.to_thread(read_model, self.root, name)
+            model = await self._read_model(name)
             await self._sync_model(model)
             self._on_change()
         self.resolve(name)  # raises with the reason if nothing came up
@@ -326,6 +398,12 @@ class ModelManager:
     ) -> None:
         states = self._states.setdefault(model.name, {})
         serving = self._serving.setdefault(model.name, {})
+        for problem in model.problems:
+            _log_problem(problem)
+        if model.problems:
+            self._problems[model.name] = model.problems
+        else:
+            self._problems.pop(model.name, None)
         try:
             policy = (
                 parse_config_pbtxt(model.config_text, str(model.path / "config.pbtxt"))
@@ -349,7 +427,12 @@ class ModelManager:
             wanted = [str(v) for v in select_versions(policy, model.versions)]
         if not wanted:
             states.clear()
-            states["0"] = VersionState(UNAVAILABLE, "no version directories match the policy")
+            reason = "no version directories match the policy"
+            if model.problems:
+                reason = "no usable version directory: " + "; ".join(
+                    f"{p.entry}: {p.reason}" for p in model.problems
+                )
+            states["0"] = VersionState(UNAVAILABLE, reason)
         for version in wanted:
             current = serving.get(version)
             version_dir = model.path / version
@@ -369,14 +452,15 @@ class ModelManager:
                     warm_up,
                     session,
                 )
-            except AgentError as exc:
+            except Exception as exc:  # one version's failure, whatever it is, is its own
                 if session is not None:
                     self.free(session)
+                reason = _load_failure(exc, model.name, version)
                 log.error(
                     "model version not loaded",
-                    extra={"model": model.name, "version": version, "reason": str(exc)},
+                    extra={"model": model.name, "version": version, "reason": reason},
                 )
-                states[version] = VersionState(UNAVAILABLE, str(exc))
+                states[version] = VersionState(UNAVAILABLE, reason)
                 if current is not None:
                     # The files changed under a serving version and the new ones fail:
                     # stop serving them rather than keep unverifiable content alive.
