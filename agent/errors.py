@@ -38,6 +38,13 @@ class InvalidInputError(AgentError):
     code = "invalid_input"
 
 
+class InputFailedModelError(InvalidInputError):
+    """onnxruntime failed on a request run on its own: its content (an index out of
+    range, say), not the model, is at fault. Never counted as a model fault."""
+
+    code = "input_failed_model"
+
+
 class QueueFullError(AgentError):
     """The model's bounded request queue is full."""
 
@@ -78,3 +85,17 @@ class VerificationError(AgentError):
     """A model signature, a digest or a deployment failed verification."""
 
     code = "verification_failed"
+
+
+class UnauthenticatedError(AgentError):
+    """A call that needs credentials came without valid ones (no or a wrong token, no client
+    certificate)."""
+
+    code = "unauthenticated"
+
+
+class PermissionDeniedError(AgentError):
+    """The caller may not do this: the operation is switched off, or its identity is not
+    among those allowed."""
+
+    code = "permission_denied"

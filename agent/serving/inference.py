@@ -156,11 +156,26 @@ def _check_shape(spec: ModelSpec, expected: TensorSpec, shape: tuple[int, ...]) 
     return batch
 
 
-def _element_count(shape: tuple[int, ...]) -> int:
+# The most elements a tensor's shape may describe once its zero dimensions are
+# set aside: no request can carry more (gRPC messages stay under 2 GiB), and
+# NumPy and onnxruntime must never see a shape whose size overflows.
+MAX_ELEMENTS = 2**31 - 1
+
+
+def _element_count(name: str, shape: tuple[int, ...]) -> int:
     # The rank has been checked against the model, so this is a short product of
     # integers: cheap however large the dimensions. Nothing is allocated from it
-    # until it has been checked against the data actually received.
-    return math.prod(shape)
+    # until it has been checked against the data actually received, which bounds
+    # any non-zero count; an empty shape such as [0, 2**62] is bounded here.
+    count = math.prod(shape)
+    if count == 0:
+        rest = math.prod(d for d in shape if d)
+        if rest > MAX_ELEMENTS:
+            raise InvalidInputError(
+                f"input '{name}': shape {list(shape)} is too large: its non-zero dimensions "
+                f"multiply to {rest}, more than {MAX_ELEMENTS} elements"
+            )
+    return count
 
 
 def _decode_tensor(
@@ -179,7 +194,7 @@ def _decode_tensor(
         )
     if tensor.raw is not None:
         raw = tensor.raw
-        count = _element_count(tensor.shape)
+        count = _element_count(name, tensor.shape)
         if tensor.datatype == BYTES:
             # Each element needs at least its 4-byte prefix: bounds the count by the data.
             if count * 4 > len(raw):
@@ -199,7 +214,7 @@ def _decode_tensor(
             array = np.frombuffer(raw, dtype=NUMPY_DTYPES[tensor.datatype])
         return array.reshape(tensor.shape), batch
     typed = tensor.typed if tensor.typed is not None else ()
-    count = _element_count(tensor.shape)
+    count = _element_count(name, tensor.shape)
     if count != len(typed):
         raise InvalidInputError(
             f"input '{name}': got {len(typed)} values but shape {list(tensor.shape)} needs "

@@ -14,11 +14,19 @@ Two schedulers share one worker function:
 
 Requests whose client deadline has passed are never run. onnxruntime, array
 concatenation and output serialisation all happen on worker threads.
+
+A request that makes onnxruntime fail when run on its own (say an index past
+an embedding table) gets ``InputFailedModelError`` (INVALID_ARGUMENT, no model
+fault). A batch that fails is split in halves and rerun, down to single
+requests, so that only the requests that fail alone fail, and requests that
+succeed alone succeed even if their batch did not. The success path does no
+extra work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -36,6 +44,7 @@ from agent.errors import (
     AgentError,
     DeadlineExceededError,
     InferenceFailedError,
+    InputFailedModelError,
     QueueFullError,
 )
 from agent.serving.datatypes import BYTES, encode_bytes_tensor
@@ -46,6 +55,24 @@ from agent.serving.stats import ExecutionTimings, ModelStats
 
 _monotonic = time.monotonic
 _perf_ns = time.perf_counter_ns
+log = logging.getLogger("agent.scheduler")
+
+# onnxruntime's run-time error classes (by name: only agent.serving.onnx_runtime
+# imports onnxruntime) that a request's content can cause. The others
+# (NotImplemented, EPFail, EngineError, ...) and Python errors (a closed session)
+# are the model's or the agent's, whatever the input.
+_ORT_STATE_MODULE = "onnxruntime.capi.onnxruntime_pybind11_state"
+_INPUT_DEPENDENT = frozenset({"InvalidArgument", "Fail", "RuntimeException"})
+
+
+def _input_dependent(exc: BaseException) -> bool:
+    cls = type(exc)
+    return cls.__module__ == _ORT_STATE_MODULE and cls.__name__ in _INPUT_DEPENDENT
+
+
+class _BatchRunFailed(InferenceFailedError):
+    """A run of several requests failed in onnxruntime: which of them is at fault is
+    found by rerunning parts (``DynamicBatcher._isolate``); never sent to a client."""
 
 
 @dataclass(slots=True)
@@ -62,9 +89,17 @@ def _serialise(name: str, datatype: str, array: Array) -> OutputTensor:
 
 
 def run_batch(
-    session: OnnxSession, items: Sequence[DecodedRequest], enqueued_ns: Sequence[int]
+    session: OnnxSession,
+    items: Sequence[DecodedRequest],
+    enqueued_ns: Sequence[int],
+    model: str = "",
 ) -> list[Completed]:
-    """Worker-thread body: one onnxruntime run for ``items``, outputs split per item."""
+    """Worker-thread body: one onnxruntime run for ``items``, outputs split per item.
+
+    An onnxruntime failure a request's content can cause raises
+    ``InputFailedModelError`` for a single request and ``_BatchRunFailed`` for
+    several; any other failure ``InferenceFailedError``.
+    """
     start = _perf_ns()
     if len(items) == 1:
         feeds = items[0].feeds
@@ -77,8 +112,15 @@ def run_batch(
     infer_start = _perf_ns()
     try:
         results = session.run(names, feeds)
-    except Exception as exc:  # onnxruntime's errors are untyped
-        raise InferenceFailedError(f"onnxruntime failed: {exc}") from exc
+    except Exception as exc:
+        if not _input_dependent(exc):
+            raise InferenceFailedError(f"model '{model}': onnxruntime failed: {exc}") from exc
+        if len(items) > 1:
+            raise _BatchRunFailed(f"model '{model}': onnxruntime failed: {exc}") from exc
+        raise InputFailedModelError(
+            f"the request's input made model '{model}' fail (it fails on its own, not "
+            f"because of other requests): {exc}"
+        ) from exc
     infer_end = _perf_ns()
     by_name = dict(zip(names, results, strict=True))
     per_item: list[list[OutputTensor]] = []
@@ -228,7 +270,7 @@ class Scheduler:
         with self._runs_lock:
             self._runs_started[me] = _monotonic()
         try:
-            return run_batch(self.session, items, enqueued_ns)
+            return run_batch(self.session, items, enqueued_ns, self.spec.name)
         finally:
             with self._runs_lock:
                 del self._runs_started[me]
@@ -350,6 +392,7 @@ class DynamicBatcher(Scheduler):
         self._fruitless = 0  # waits in a row that gathered no other request
         self._skipped = 0  # picks that did not wait since the last probe
         self._default_timeout_s = spec.default_timeout_us / 1e6
+        self._warned_split = False  # logged once: a batch failed that no request caused
 
     def queued(self) -> int:
         return len(self._queue)
@@ -403,10 +446,61 @@ class DynamicBatcher(Scheduler):
                     ),
                     None,
                 )
+            except _BatchRunFailed:
+                outcome = post(self._finish_each, self._isolate(items), None)
             except BaseException as exc:
                 outcome = post(partial(self._finish, items), None, exc)
             if not outcome:
                 return
+
+    def _isolate(self, items: list[_Pending]) -> list[tuple[_Pending, Completed | BaseException]]:
+        """Worker thread: rerun a failed batch in halves until each request's fate is known.
+
+        A part that fails again is halved again; a single request that fails is
+        the one at fault (``run_batch`` raises ``InputFailedModelError``). With one
+        bad request among n this takes about 2 log2(n) runs. Requests that went away
+        or expired meanwhile are not rerun.
+        """
+        outcomes: list[tuple[_Pending, Completed | BaseException]] = []
+        failed = [items]
+        while failed:
+            part = failed.pop()
+            half = len(part) // 2
+            for sub in (part[:half], part[half:]):
+                now = _monotonic()
+                todo = []
+                for p in sub:
+                    if p.future.done():
+                        continue
+                    if p.deadline is not None and now >= p.deadline:
+                        outcomes.append((p, DeadlineExceededError(
+                            "the request's deadline passed while its batch was rerun")))
+                    else:
+                        todo.append(p)
+                if not todo:
+                    continue
+                try:
+                    results = self._execute(
+                        [p.decoded for p in todo], [p.enqueued_ns for p in todo]
+                    )
+                except _BatchRunFailed:
+                    failed.append(todo)
+                    continue
+                except BaseException as exc:
+                    outcomes.extend((p, exc) for p in todo)
+                    continue
+                outcomes.extend(zip(todo, results, strict=True))
+        if not self._warned_split and all(
+            isinstance(o, Completed) for _, o in outcomes
+        ):
+            # Nobody's input was at fault: the batch itself was too much for the model.
+            self._warned_split = True
+            log.warning(
+                "a batch failed in onnxruntime but every part of it succeeded when rerun; "
+                "the model may not accept batches this large (lower max_batch_size)",
+                extra={"model": self.spec.name, "batch": sum(p.decoded.batch_size for p in items)},
+            )
+        return outcomes
 
     def _next_batch(self) -> list[_Pending] | None:
         """Wait for a batch and take it off the queue; None once shut down.
@@ -505,6 +599,24 @@ class DynamicBatcher(Scheduler):
     def _fail(p: _Pending, _result: None, exc: BaseException | None) -> None:
         if not p.future.done():
             p.future.set_exception(exc if exc is not None else AgentError("request not run"))
+
+    def _finish_each(
+        self,
+        outcomes: list[tuple[_Pending, Completed | BaseException]],
+        _exc: BaseException | None,
+    ) -> None:
+        # After _isolate: each request has its own outcome; the runs that succeeded
+        # are recorded once each (their requests share one ExecutionTimings).
+        recorded: set[int] = set()
+        for p, outcome in outcomes:
+            if isinstance(outcome, Completed):
+                if id(outcome.timings) not in recorded:
+                    recorded.add(id(outcome.timings))
+                    self.stats.record_execution(outcome.timings)
+                if not p.future.done():
+                    p.future.set_result(outcome)
+            elif not p.future.done():
+                p.future.set_exception(outcome)
 
     def _finish(
         self,

@@ -5,12 +5,15 @@ onnxruntime), called over gRPC with the agent's own stubs, so that the
 version's ``ModelStats.faults``, the count a fleet probation judges, can be
 read directly: a hostile client sending bad indices or absurd shapes must not
 move it, and a batch that fails only because of its size is not a fault either
-(its members are retried and succeed).
+(its members are retried and succeed). The agent makes onnxruntime's
+process-wide thread pools, so it runs in a fresh interpreter of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from tests.batch_isolation_models import embed_expected, isolation_models
 from tests.serving_models import make_repository, serving_config
 
 TIMEOUT_S = 30.0
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def infer_request(model: str, name: str, array: np.ndarray[Any, Any]) -> pb.ModelInferRequest:
@@ -42,6 +46,19 @@ async def call(stub: Any, request: pb.ModelInferRequest) -> Any:
 
 
 def test_bad_content_and_oversized_batches_are_no_model_fault(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.unit.test_batch_isolation_faults", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), (
+        done.stdout[-3000:] + done.stderr[-3000:]
+    )
+
+
+def check(tmp_path: Path) -> None:
     repo = make_repository(tmp_path / "models", isolation_models())
     config = build_config(serving_config(tmp_path, repo, runtime={"intra_op_threads": 1}))
 
@@ -94,3 +111,8 @@ def test_bad_content_and_oversized_batches_are_no_model_fault(tmp_path: Path) ->
             await agent.stop()
 
     asyncio.run(go())
+
+
+if __name__ == "__main__":
+    check(Path(sys.argv[1]))
+    print("OK")
