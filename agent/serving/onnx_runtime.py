@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -26,6 +27,7 @@ import onnxruntime as ort
 
 from agent.common.buffers import FileBytes, as_bytes
 from agent.errors import ModelConfigError
+from agent.serving import onnx_external
 from agent.serving.datatypes import NUMPY_DTYPES
 
 # An edge device must not phone home: onnxruntime builds may carry a telemetry client.
@@ -189,10 +191,52 @@ def zero_inputs(tensors: Sequence[GraphTensor]) -> dict[str, np.ndarray[Any, Any
     return feeds
 
 
-class OnnxSession:
-    """An onnxruntime session; ``run`` is thread-safe and blocks (call it off the loop)."""
+def _external_initializers(
+    model_bytes: FileBytes, external_files: Mapping[str, FileBytes]
+) -> tuple[FileBytes, list[str], list[Any]]:
+    """The model to give onnxruntime, and the names and values of its external initializers.
 
-    def __init__(self, model_bytes: FileBytes, options: SessionOptions) -> None:
+    Every external reference is resolved here, against ``external_files`` (the
+    verified files of the version), and replaced by a location naming no file:
+    onnxruntime gets the verified bytes as OrtValues and never opens a path the
+    model names (older onnxruntime versions would follow ``..`` or an absolute
+    path). No external data and the model is returned as it is.
+    """
+    tensors = onnx_external.external_tensors(model_bytes)
+    if not tensors:
+        return model_bytes, [], []
+    onnx_external.check_files(tensors, {k: len(v) for k, v in external_files.items()})
+    values = []
+    for t in tensors:
+        dtype = np.dtype(onnx_external.NUMPY_TYPES[t.data_type])
+        array = np.frombuffer(
+            external_files[t.location], dtype, count=math.prod(t.dims), offset=t.offset
+        ).reshape(t.dims)
+        if t.offset % dtype.itemsize:  # kernels may assume aligned weights
+            array = array.copy()
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
+    return onnx_external.without_external_files(model_bytes), [t.name for t in tensors], values
+
+
+class OnnxSession:
+    """An onnxruntime session; ``run`` is thread-safe and blocks (call it off the loop).
+
+    ``external_files``: the verified files the model's external data may name
+    (path relative to the version directory -> contents); by default those a
+    ``onnx_external.ModelBytes`` carries, else none, so a model with external
+    data is refused (ExternalDataError naming the tensor and its location).
+    The session keeps them referenced: onnxruntime uses their memory in place.
+    """
+
+    def __init__(
+        self,
+        model_bytes: FileBytes,
+        options: SessionOptions,
+        external_files: Mapping[str, FileBytes] | None = None,
+    ) -> None:
+        if external_files is None:
+            external_files = getattr(model_bytes, "external_files", {})
+        model_bytes, names, values = _external_initializers(model_bytes, external_files)
         missing = [p for p in options.execution_providers if p not in available_providers()]
         if missing:
             raise ModelConfigError(
@@ -208,6 +252,9 @@ class OnnxSession:
             so.inter_op_num_threads = options.inter_op_threads
         so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization]
         so.log_severity_level = 3  # errors only: warnings would flood journald
+        if names:
+            so.add_external_initializers(names, values)
+        self._external = values  # onnxruntime reads their buffers for the session's life
         try:
             with _sealed_model_path(model_bytes) as model:
                 self._session = ort.InferenceSession(
@@ -233,6 +280,7 @@ class OnnxSession:
         """
         self._run = _closed_run
         self._session = None
+        self._external = []
 
 
 def _closed_run(output_names: Sequence[str], feeds: dict[str, np.ndarray[Any, Any]]) -> Any:
