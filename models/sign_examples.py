@@ -1,8 +1,10 @@
 """Sign every example model version with the demo key, then verify it.
 
 A version directory is ``<repo>/<model>/<version>/`` with a numeric version, as
-in Triton's layout. Each gets a fresh ``model.sig`` (written atomically) from
-the demo key in ``keys/`` and is then verified against ``keys/trusted/``.
+in Triton's layout. Each gets an ``identity.json`` naming ``<model>/<version>``
+and a fresh ``model.sig`` (both written atomically) from the demo key in
+``keys/``, and is then verified against ``keys/trusted/`` as the agent verifies
+it: the signed identity must be the directory's place in the repository.
 
     .venv/bin/python models/sign_examples.py            # sign and verify models/
     .venv/bin/python models/sign_examples.py --check    # verify only (exit 1 on failure)
@@ -20,6 +22,7 @@ if str(HERE.parent) not in sys.path:  # run from a checkout without installing t
 
 from agent.errors import AgentError  # noqa: E402
 from agent.signing import keys  # noqa: E402
+from agent.signing.identity import identity_of_path  # noqa: E402
 from agent.signing.version_dir import sign_version, verify_version  # noqa: E402
 
 
@@ -56,15 +59,19 @@ def main() -> int:
     for version in versions:
         name = version.relative_to(args.repo)
         try:
+            place = identity_of_path(version)
             if private_key is not None:
-                sign_version(version, private_key)
-            verified = verify_version(version, trust)
+                sign_version(version, private_key, model_name=place.model, version=place.version)
+            verified = verify_version(version, trust, identity=place)
         except AgentError as error:
             failed += 1
             print(f"{name}: FAILED {error.code}: {error}", file=sys.stderr)
             continue
         action = "verified" if args.check else "signed and verified"
-        print(f"{name}: {action}, {len(verified.manifest)} files, key {verified.key_id[:16]}")
+        print(
+            f"{name}: {action} as {place}, {len(verified.manifest)} files, "
+            f"key {verified.key_id[:16]}"
+        )
     return 1 if failed else 0
 
 

@@ -65,7 +65,7 @@ def test_sign_and_verify_with_public_key(
     capsys.readouterr()
     assert run("verify", version, "--public-key", public) == 0
     kid = oms.key_id(keys.load_public_key(public))
-    assert capsys.readouterr().out == f"OK 2 files, key {kid}\n"
+    assert capsys.readouterr().out == f"OK 3 files, m/1, key {kid}\n"
 
 
 def test_verify_with_trust_dir(setup: tuple[Path, Path, Path]) -> None:
@@ -80,8 +80,8 @@ def test_passphrase_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     (tmp_path / "pass").write_text("open sesame\n")
     (tmp_path / "wrong").write_text("close sesame\n")
     assert run("keygen", "--out-dir", tmp_path, "--passphrase-file", tmp_path / "pass") == 0
-    version = tmp_path / "v"
-    version.mkdir()
+    version = tmp_path / "v" / "1"
+    version.mkdir(parents=True)
     (version / "model.onnx").write_bytes(b"m")
     key = tmp_path / "model-signing.key.pem"
     assert run("sign", version, "--private-key", key) == cli.EXIT_KEY

@@ -16,6 +16,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import VerificationError
 from agent.signing import keys, oms
+from agent.signing.identity import (
+    IDENTITY_FILENAME,
+    IdentityMismatchError,
+    IdentityMissingError,
+    ModelIdentity,
+    encode_identity,
+)
 from agent.signing.version_dir import SIGNATURE_FILENAME, sign_version, verify_version
 
 MODEL_SIGNING = Path(sys.executable).parent / "model_signing"
@@ -246,3 +253,40 @@ def test_round_trip_agent_reference_agent(tmp_path: Path, key_pair: keys.KeyPair
     reference_sign(version, key_pair.private_key)
     theirs = verify_version(version, trust_of(key_pair)).manifest
     assert dict(ours) == dict(theirs)
+
+
+# --------------------------------------------------------------------------- identity binding
+
+
+def test_reference_signed_identity_binds_model_and_version(
+    tmp_path: Path, key_pair: keys.KeyPairFiles
+) -> None:
+    """docs: write identity.json, then sign with model_signing; the agent binds it."""
+    version = make_version(tmp_path)  # repo/demo/3
+    (version / IDENTITY_FILENAME).write_bytes(encode_identity(ModelIdentity("demo", 3)))
+    reference_sign(version, key_pair.private_key)
+    result = verify_version(version, trust_of(key_pair), identity=ModelIdentity("demo", 3))
+    assert result.identity == ModelIdentity("demo", 3)
+    with pytest.raises(IdentityMismatchError, match="signed as demo/3 but used as demo/9"):
+        verify_version(version, trust_of(key_pair), identity=ModelIdentity("demo", 9))
+
+
+def test_reference_signed_without_identity_is_refused_where_identity_is_required(
+    tmp_path: Path, key_pair: keys.KeyPairFiles
+) -> None:
+    version = make_version(tmp_path)
+    reference_sign(version, key_pair.private_key)
+    with pytest.raises(IdentityMissingError):
+        verify_version(version, trust_of(key_pair), identity=ModelIdentity("demo", 3))
+
+
+def test_agent_signed_identity_is_a_file_the_reference_verifies(
+    tmp_path: Path, key_pair: keys.KeyPairFiles
+) -> None:
+    version = make_version(tmp_path)
+    sign_version(version, keys.load_private_key(key_pair.private_key))
+    assert (version / IDENTITY_FILENAME).is_file()
+    (version / IDENTITY_FILENAME).write_bytes(encode_identity(ModelIdentity("demo", 9)))
+    result = reference_verify(version, key_pair.public_key)  # an edited identity fails there too
+    assert result.returncode != 0
+    assert IDENTITY_FILENAME in result.stderr

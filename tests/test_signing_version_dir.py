@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from agent.errors import VerificationError
 from agent.signing import keys, oms
+from agent.signing.identity import IDENTITY_FILENAME, ModelIdentity
 from agent.signing.version_dir import (
     SIGNATURE_FILENAME,
     FileNotSignedError,
@@ -82,12 +83,14 @@ def rejects(version: Path, error: type[VerificationError], **kwargs: Any) -> Ver
 
 def test_sign_then_verify(version: Path) -> None:
     result = verify_version(version, TRUST)
-    assert set(result.manifest) == set(FILES)
+    identity = (version / IDENTITY_FILENAME).read_bytes()  # written by sign_version
+    assert set(result.manifest) == {*FILES, IDENTITY_FILENAME}
     assert result.key_id == oms.key_id(KEY.public_key())
-    assert result.model_name == "1"
+    assert result.model_name == "demo/1"
+    assert result.identity == ModelIdentity("demo", 1)
     assert result.contents == {}
     assert result.ignored == (SIGNATURE_FILENAME,)
-    assert result.total_bytes == sum(len(v) for v in FILES.values())
+    assert result.total_bytes == sum(len(v) for v in FILES.values()) + len(identity)
 
 
 def test_loaded_files_are_the_verified_bytes(version: Path) -> None:
@@ -99,7 +102,7 @@ def test_loaded_files_are_the_verified_bytes(version: Path) -> None:
 
 def test_sign_writes_model_sig_atomically_and_leaves_no_temp_file(version: Path) -> None:
     names = sorted(p.name for p in version.iterdir())
-    assert names == ["model.onnx", "model.sig", "profile.json", "validation"]
+    assert names == ["identity.json", "model.onnx", "model.sig", "profile.json", "validation"]
     first = (version / SIGNATURE_FILENAME).read_bytes()
     sign_version(version, KEY)  # re-signing replaces it
     assert sorted(p.name for p in version.iterdir()) == names
@@ -122,7 +125,7 @@ def test_git_metadata_is_ignored_like_the_reference_tool(tmp_path: Path) -> None
 
 
 def test_hash_version_matches_files(version: Path) -> None:
-    assert set(hash_version(version)) == set(FILES)
+    assert set(hash_version(version)) == {*FILES, IDENTITY_FILENAME}
 
 
 # --------------------------------------------------------------------------- tamper cases

@@ -33,6 +33,7 @@ from typing import Any, Final
 from agent.errors import AgentError
 from agent.protocol.deployment import check_file_path
 from agent.protocol.topics import SCHEMA_VERSION, SHA256_HEX, encode_json, is_model_name
+from agent.signing.identity import ModelIdentity
 from agent.signing.keys import TrustStore
 from agent.signing.oms import SIGNATURE_FILENAME
 from agent.signing.version_dir import verify_version
@@ -344,7 +345,10 @@ class ArtifactStore:
             # The listing's size is an estimate (files the signer excluded are not
             # hashed); the phase ends at the verified total.
             verify_counter = _Counter(progress, "verify", _tree_bytes(version_dir))
-        verified = verify_version(version_dir, trust, progress=verify_counter)
+        # The files must be signed as NAME/VERSION (identity.json), not as another version.
+        verified = verify_version(
+            version_dir, trust, progress=verify_counter, identity=ModelIdentity(name, version)
+        )
         if progress is not None:
             progress("verify", verified.total_bytes, verified.total_bytes)
             extra = [version_dir / SIGNATURE_FILENAME, *([config_path] if config_path else [])]

@@ -10,9 +10,12 @@ import argparse
 import functools
 import sys
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from agent.errors import AgentError
+
+if TYPE_CHECKING:
+    from agent.signing.identity import ModelIdentity
 
 # agent.signing's keys, oms and version_dir (and with them cryptography) are imported
 # by the commands themselves: `edge-agent serve` builds this parser too, and an agent
@@ -29,6 +32,7 @@ EXIT_FILE_SET: Final = 7
 EXIT_DIGEST: Final = 8
 EXIT_UNSAFE_ENTRY: Final = 9
 EXIT_UNREADABLE: Final = 10
+EXIT_IDENTITY: Final = 11
 
 ExitCodes = tuple[tuple[type[AgentError] | tuple[type[AgentError], ...], int], ...]
 
@@ -37,7 +41,7 @@ ExitCodes = tuple[tuple[type[AgentError] | tuple[type[AgentError], ...], int], .
 def exit_codes() -> ExitCodes:
     """Error classes -> exit code. First match wins; the order matters where classes
     are related."""
-    from agent.signing import keys, oms, version_dir
+    from agent.signing import identity, keys, oms, version_dir
 
     return (
         (
@@ -81,7 +85,15 @@ def exit_codes() -> ExitCodes:
             (version_dir.SymlinkRefusedError, version_dir.SpecialFileError),
             EXIT_UNSAFE_ENTRY,
         ),
-        (version_dir.FileReadError, EXIT_UNREADABLE),
+        ((version_dir.FileReadError, version_dir.TooManyFilesError), EXIT_UNREADABLE),
+        (
+            (
+                identity.IdentityMissingError,
+                identity.IdentityMalformedError,
+                identity.IdentityMismatchError,
+            ),
+            EXIT_IDENTITY,
+        ),
     )
 
 EXIT_CODE_HELP: Final = """\
@@ -94,8 +106,10 @@ exit codes:
       key_write_failed)
   4   model.sig missing or malformed: not JSON / truncated, wrong bundle media
       type, DSSE payload type, statement or predicate type, serialization method,
-      hash algorithm, duplicate or unsafe file names, inconsistent statement
-      (signature_missing, signature_malformed, signature_media_type,
+      hash algorithm, duplicate or unsafe file names, inconsistent statement,
+      more than 8 signatures, 65536 files or 256 ignore paths
+      (signature_missing, signature_malformed, signature_limit_exceeded,
+      signature_media_type,
       signature_payload_type, signature_statement_type, signature_predicate_type,
       signature_serialization_unsupported, signature_hash_algorithm,
       signature_duplicate_resource, signature_unsafe_path,
@@ -107,7 +121,11 @@ exit codes:
   8   a file's content differs from the signed digest (file_digest_mismatch)
   9   symlink or special file in the directory (file_symlink,
       file_symlink_escapes, file_special)
-  10  a file or directory could not be read (file_unreadable)
+  10  a file or directory could not be read, or holds more than 65536 entries
+      (file_unreadable, file_too_many)
+  11  the signed identity.json is missing, malformed, or names another model or
+      version than the directory is used as (identity_missing,
+      identity_malformed, identity_mismatch)
 """
 
 
@@ -149,29 +167,55 @@ def run_sign(args: argparse.Namespace) -> int:
 
     try:
         private_key = keys.load_private_key(args.private_key, _passphrase(args))
-        path = version_dir.sign_version(args.version_dir, private_key)
+        path = version_dir.sign_version(
+            args.version_dir, private_key, model_name=args.model, version=args.version
+        )
         signed = oms.verify_bundle(path.read_bytes(), [private_key.public_key()])
     except AgentError as error:
         return _fail(error)
     except OSError as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    print(f"signed {len(signed.files)} files into {path}, key {signed.key_id}")
+    print(
+        f"signed {len(signed.files)} files into {path} as {signed.model_name}, "
+        f"key {signed.key_id}"
+    )
     return EXIT_OK
 
 
+def _expected_identity(args: argparse.Namespace) -> ModelIdentity | None:
+    """What ``verify`` requires identity.json to say: --model/--version, else the path
+    if it is .../MODEL/VERSION (None: any identity, as long as there is one)."""
+    from agent.signing import identity
+
+    if args.model is None and args.version is None:
+        try:
+            return identity.identity_of_path(args.version_dir.resolve())
+        except identity.IdentityMismatchError:
+            return None  # a staging directory: not placed in a repository yet
+    if args.model is None or args.version is None:
+        raise identity.IdentityMismatchError("give both --model and --version, or neither")
+    return identity.ModelIdentity(args.model, args.version)
+
+
 def run_verify(args: argparse.Namespace) -> int:
-    from agent.signing import keys, version_dir
+    from agent.signing import identity, keys, version_dir
 
     try:
         if args.public_key is not None:
             trust = keys.TrustStore.from_public_key_files([args.public_key])
         else:
             trust = keys.TrustStore.from_directory(args.trust_dir)
-        verified = version_dir.verify_version(args.version_dir, trust)
+        expected = _expected_identity(args)
+        verified = version_dir.verify_version(args.version_dir, trust, identity=expected)
+        if verified.identity is None:
+            raise identity.IdentityMissingError(
+                f"{args.version_dir}: the signature covers no identity.json, so the agent "
+                "would not load it (sign with --model and --version)"
+            )
     except AgentError as error:
         return _fail(error)
-    print(f"OK {len(verified.manifest)} files, key {verified.key_id}")
+    print(f"OK {len(verified.manifest)} files, {verified.identity}, key {verified.key_id}")
     return EXIT_OK
 
 
@@ -210,13 +254,17 @@ def add_signing_commands(
             "(sigstore bundle, DSSE, in-toto statement, one SHA-256 per file) and write "
             "VERSION_DIR/model.sig atomically. Like the reference model_signing tool, "
             "model.sig and top-level git metadata (.git, .gitattributes, .github, "
-            ".gitignore) are not signed. Symlinks and special files are refused."
+            ".gitignore) are not signed. Symlinks and special files are refused. "
+            "First writes VERSION_DIR/identity.json naming the model and version (from "
+            "--model/--version, else from the path .../MODEL/VERSION, else an "
+            "identity.json already there), which binds the signature to that place."
         ),
         epilog=EXIT_CODE_HELP,
         formatter_class=formatter,
     )
     sign.add_argument("version_dir", type=Path, metavar="VERSION_DIR")
     sign.add_argument("--private-key", type=Path, required=True, metavar="K")
+    _identity_arguments(sign, "write into identity.json")
     sign.add_argument(
         "--passphrase-file", type=Path, metavar="F", help="passphrase of an encrypted key"
     )
@@ -227,16 +275,36 @@ def add_signing_commands(
         help="verify a model version directory against a key or the trust store",
         description=(
             "Verify VERSION_DIR/model.sig against a trusted key, then check that the "
-            "directory holds exactly the signed files with the signed SHA-256 digests. "
-            "Prints 'OK <n> files, key <id>' or 'FAILED <code>: <reason>'."
+            "directory holds exactly the signed files with the signed SHA-256 digests, "
+            "and that its signed identity.json names --model/--version (default: the "
+            "path, .../MODEL/VERSION, if it is one; else any identity), as the agent "
+            "requires. "
+            "Prints 'OK <n> files, MODEL/VERSION, key <id>' or 'FAILED <code>: <reason>'."
         ),
         epilog=EXIT_CODE_HELP,
         formatter_class=formatter,
     )
     verify.add_argument("version_dir", type=Path, metavar="VERSION_DIR")
+    _identity_arguments(verify, "required in identity.json")
     trust = verify.add_mutually_exclusive_group(required=True)
     trust.add_argument("--public-key", type=Path, metavar="P", help="trust this PEM public key")
     trust.add_argument(
         "--trust-dir", type=Path, metavar="D", help="trust every *.pem public key in D"
     )
     verify.set_defaults(func=run_verify)
+
+
+def _positive_version(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or text.startswith("0") or len(text) > 19:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version number (1, 2, ...)")
+    return int(text)
+
+
+def _identity_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--model", metavar="NAME", help=f"model name {what} (default: from the path)"
+    )
+    parser.add_argument(
+        "--version", type=_positive_version, metavar="N",
+        help=f"model version {what} (default: from the path)",
+    )

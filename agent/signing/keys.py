@@ -27,7 +27,7 @@ from agent.signing.oms import (
 
 PRIVATE_KEY_SUFFIX: Final = ".key.pem"
 PUBLIC_KEY_SUFFIX: Final = ".pub.pem"
-_KEY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}$")
+_KEY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}\Z")  # \Z: no trailing newline
 _MAX_KEY_FILE_BYTES = 64 * 1024
 
 
@@ -105,7 +105,7 @@ def write_key_pair(
 
     Never overwrites an existing file.
     """
-    if not _KEY_NAME.match(name):
+    if not _KEY_NAME.fullmatch(name):
         raise KeyWriteError(
             f"key name {name!r} must be letters, digits, '_', '.' or '-' (no path separators)"
         )

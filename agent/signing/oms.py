@@ -67,7 +67,15 @@ DEFAULT_IGNORE_PATHS: Final[tuple[str, ...]] = (
     SIGNATURE_FILENAME,
 )
 
-_HEX_DIGEST = re.compile(r"^[0-9a-fA-F]{64}$")
+# Counts the bundle may hold. The reference tool writes one signature; each one
+# costs an ECDSA verification (per trusted key when it names none), and the
+# signatures are the part of model.sig that nobody signed, so they are few.
+MAX_SIGNATURES: Final = 8
+MAX_RESOURCES: Final = 65_536  # files one version may list
+MAX_IGNORE_PATHS: Final = 256
+
+# \Z, not $: '$' also matches before a trailing newline.
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}\Z")
 _MAX_NAME_LENGTH = 4096
 
 
@@ -126,6 +134,12 @@ class DuplicateResourceError(VerificationError):
     """The manifest names the same file twice."""
 
     code = "signature_duplicate_resource"
+
+
+class LimitExceededError(BundleMalformedError):
+    """model.sig holds more signatures, resources or ignore paths than the agent accepts."""
+
+    code = "signature_limit_exceeded"
 
 
 class UnsafePathError(VerificationError):
@@ -319,9 +333,11 @@ def build_statement(
     ignore_paths: Sequence[str] = DEFAULT_IGNORE_PATHS,
 ) -> dict[str, Any]:
     """The in-toto statement for a ``{relative_path: sha256_hex}`` manifest."""
+    if len(manifest) > MAX_RESOURCES:
+        raise LimitExceededError(f"{len(manifest)} files, more than the {MAX_RESOURCES} accepted")
     for name, digest in manifest.items():
         check_resource_name(name)
-        if not _HEX_DIGEST.match(digest):
+        if not _HEX_DIGEST.fullmatch(digest):
             raise BundleMalformedError(f"{name}: {digest!r} is not a hex SHA-256 digest")
     for path in ignore_paths:
         check_resource_name(path, "ignore path")
@@ -489,7 +505,7 @@ def _base64(value: str, where: str) -> bytes:
 
 
 def _hex_digest(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _HEX_DIGEST.match(value):
+    if not isinstance(value, str) or not _HEX_DIGEST.fullmatch(value):
         _malformed(where, "expected a 64-digit hex SHA-256 digest")
     return value.lower()
 
@@ -556,6 +572,11 @@ def _parse_bundle(data: bytes) -> _Envelope:
     raw_signatures = _array(_field(envelope, "signatures", "dsseEnvelope"), "signatures")
     if not raw_signatures:
         raise SignatureMissingError("the DSSE envelope holds no signatures")
+    if len(raw_signatures) > MAX_SIGNATURES:
+        raise LimitExceededError(
+            f"dsseEnvelope.signatures: {len(raw_signatures)} signatures, more than the "
+            f"{MAX_SIGNATURES} accepted"
+        )
     signatures = []
     for index, raw in enumerate(raw_signatures):
         where = f"dsseEnvelope.signatures[{index}]"
@@ -667,12 +688,21 @@ def _parse_statement(payload: bytes) -> tuple[dict[str, str], str, tuple[str, ..
         raw_ignore = _array(
             serialization_args["ignore_paths"], "predicate.serialization.ignore_paths"
         )
+        if len(raw_ignore) > MAX_IGNORE_PATHS:
+            raise LimitExceededError(
+                f"predicate.serialization.ignore_paths: {len(raw_ignore)} paths, more than "
+                f"the {MAX_IGNORE_PATHS} accepted"
+            )
         for index, path in enumerate(raw_ignore):
             ignore_paths.append(
                 check_resource_name(path, f"predicate.serialization.ignore_paths[{index}]")
             )
 
     resources = _array(_field(predicate, "resources", "predicate"), "predicate.resources")
+    if len(resources) > MAX_RESOURCES:
+        raise LimitExceededError(
+            f"predicate.resources: {len(resources)} files, more than the {MAX_RESOURCES} accepted"
+        )
     files: dict[str, str] = {}
     ordered: list[str] = []
     for index, raw in enumerate(resources):

@@ -44,11 +44,25 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.common.buffers import FileBytes, read_whole
 from agent.errors import VerificationError
 from agent.signing import oms
+from agent.signing.identity import (
+    IDENTITY_FILENAME,
+    MAX_IDENTITY_BYTES,
+    IdentityMalformedError,
+    ModelIdentity,
+    check_identity,
+    encode_identity,
+    identity_of_path,
+    parse_identity,
+    version_of_path,
+)
 from agent.signing.keys import TrustStore
 
 SIGNATURE_FILENAME: Final = oms.SIGNATURE_FILENAME
 MAX_SIGNATURE_BYTES: Final = 32 * 1024 * 1024
 HASH_CHUNK_BYTES: Final = 1024 * 1024
+# Entries listed in a version directory (files and subdirectories, not counting
+# what the signer excluded); the signature's resource count has the same bound.
+MAX_ENTRIES: Final = oms.MAX_RESOURCES
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO swapped in after listing must not block; harmless for files.
@@ -93,6 +107,12 @@ class FileNotSignedError(VerificationError):
     code = "file_not_signed"
 
 
+class TooManyFilesError(VerificationError):
+    """The version directory holds more entries than one version may have."""
+
+    code = "file_too_many"
+
+
 class FileReadError(VerificationError):
     """A file or directory could not be read."""
 
@@ -107,6 +127,7 @@ class VerifiedVersion:
     manifest: Mapping[str, str]  # relative path -> SHA-256 hex, as signed
     key_id: str  # id of the trusted key that signed it
     model_name: str  # subject name in the signed statement (informative)
+    identity: ModelIdentity | None = None  # the signed identity.json, if the signature covers one
     contents: Mapping[str, FileBytes] = field(default_factory=dict)  # verified bytes of `load`
     ignored: tuple[str, ...] = ()  # entries present but excluded by the signer
     total_bytes: int = 0  # bytes hashed
@@ -273,6 +294,7 @@ def _list_files(
     """Every regular file under ``root_fd`` (relative path -> size) and the ignored entries."""
     files: dict[str, int] = {}
     ignored: list[str] = []
+    seen = 0
     pending: list[tuple[str, int]] = [("", os.dup(root_fd))]
     try:
         while pending:
@@ -290,6 +312,11 @@ def _list_files(
                     if ignore(rel):
                         ignored.append(rel)
                         continue
+                    seen += 1
+                    if seen > MAX_ENTRIES:
+                        raise TooManyFilesError(
+                            f"{root}: more than {MAX_ENTRIES} files and directories; refused"
+                        )
                     st = entry.stat(follow_symlinks=False)
                     if stat.S_ISLNK(st.st_mode):
                         target = os.readlink(entry.name, dir_fd=dir_fd)
@@ -315,17 +342,41 @@ def _list_files(
 # --------------------------------------------------------------------------- verification
 
 
+def _read_identity(root_fd: int, manifest: Mapping[str, str]) -> ModelIdentity | None:
+    """The signed identity.json (its digest checked), or None if the signature lists none."""
+    if IDENTITY_FILENAME not in manifest:
+        return None
+    try:
+        with _fd(_open_beneath(root_fd, IDENTITY_FILENAME)) as fd:
+            if os.fstat(fd).st_size > MAX_IDENTITY_BYTES:
+                digest, size = _hash_stream(fd, bytearray(HASH_CHUNK_BYTES))
+                oms.check_digest(IDENTITY_FILENAME, manifest, digest)
+                raise IdentityMalformedError(
+                    f"{IDENTITY_FILENAME}: {size} bytes, more than {MAX_IDENTITY_BYTES}"
+                )
+            data = bytes(read_whole(fd))
+    except OSError as exc:
+        raise FileReadError(f"{IDENTITY_FILENAME}: cannot read: {exc.strerror}") from None
+    oms.check_digest(IDENTITY_FILENAME, manifest, hashlib.sha256(data).hexdigest())
+    return parse_identity(data)
+
+
 def verify_version(
     version_dir: Path,
     trust: TrustStore,
     load: Collection[str] = (),
     progress: Callable[[int], None] | None = None,
+    *,
+    identity: ModelIdentity | None = None,
 ) -> VerifiedVersion:
     """Verify ``version_dir`` against ``trust``; return the manifest and the bytes of ``load``.
 
-    ``progress`` is called with the byte count of each piece of a signed file
-    hashed (for a progress bar). Raises a :class:`agent.errors.VerificationError`
-    subclass on any failure.
+    ``identity``: the model and version the directory is used as; the signature
+    must then cover an ``identity.json`` naming exactly that (checked before any
+    other file is hashed). Without it the signed identity, if any, is only
+    reported. ``progress`` is called with the byte count of each piece of a
+    signed file hashed (for a progress bar). Raises a
+    :class:`agent.errors.VerificationError` subclass on any failure.
     """
     with _fd(_open_root(version_dir)) as root_fd:
         signed = oms.verify_bundle(_read_signature(root_fd, version_dir), trust.public_keys)
@@ -335,6 +386,9 @@ def verify_version(
                 raise FileNotSignedError(
                     f"{name}: requested for loading but not covered by the signature"
                 )
+        signed_identity = _read_identity(root_fd, manifest)
+        if identity is not None:
+            check_identity(signed_identity, identity, str(version_dir))
         skip = (*signed.ignore_paths, SIGNATURE_FILENAME)
 
         files, ignored = _list_files(version_dir, root_fd, lambda rel: oms.is_ignored(rel, skip))
@@ -368,6 +422,7 @@ def verify_version(
         manifest=MappingProxyType(dict(manifest)),
         key_id=signed.key_id,
         model_name=signed.model_name,
+        identity=signed_identity,
         contents=MappingProxyType(contents),
         ignored=tuple(ignored),
         total_bytes=total,
@@ -415,16 +470,44 @@ def sign_version(
     private_key: ec.EllipticCurvePrivateKey,
     *,
     model_name: str | None = None,
+    version: int | None = None,
 ) -> Path:
-    """Sign every file in ``version_dir`` and write ``model.sig`` atomically; return its path.
+    """Write ``identity.json``, sign every file in ``version_dir`` and write ``model.sig``
+    atomically; return its path.
 
-    Excludes what the reference tool excludes by default (``model.sig`` and git
-    metadata at the top level) and refuses symlinks and special files.
-    ``model_name`` (the statement's informative subject name) defaults to the
-    directory's name, as with the reference tool.
+    The identity names ``model_name`` and ``version``; each defaults to what the
+    path says (``.../<model>/<version>``). With neither given, an identity.json
+    already in the directory is signed as it is (a version staged outside a
+    repository). Excludes what the reference tool excludes by default
+    (``model.sig`` and git metadata at the top level) and refuses symlinks and
+    special files. The statement's subject name is ``<model>/<version>``.
     """
     oms.require_p256_private_key(private_key, "the signing key")
+    identity = signing_identity(version_dir, model_name, version)
+    data = encode_identity(identity)
+    with contextlib.suppress(OSError):
+        if (version_dir / IDENTITY_FILENAME).read_bytes() == data:
+            data = b""  # already there: leave the file (and its mtime) alone
+    if data:
+        _write_atomically(version_dir, IDENTITY_FILENAME, data)
     manifest = hash_version(version_dir)
-    name = model_name if model_name is not None else version_dir.resolve().name
-    bundle = oms.sign_manifest(manifest, private_key, model_name=name)
+    bundle = oms.sign_manifest(manifest, private_key, model_name=str(identity))
     return _write_atomically(version_dir, SIGNATURE_FILENAME, bundle)
+
+
+def signing_identity(
+    version_dir: Path, model_name: str | None = None, version: int | None = None
+) -> ModelIdentity:
+    """The identity ``sign_version`` writes for these arguments (see there)."""
+    path = version_dir.resolve()
+    if model_name is None and version is None:
+        existing = path / IDENTITY_FILENAME
+        if existing.is_file() and not existing.is_symlink():
+            try:
+                return parse_identity(existing.read_bytes()[: MAX_IDENTITY_BYTES + 1])
+            except OSError as exc:
+                raise FileReadError(f"cannot read {existing}: {exc.strerror}") from None
+        return identity_of_path(path)
+    if version is None:
+        version = version_of_path(path)
+    return ModelIdentity(model_name if model_name is not None else path.parent.name, version)
