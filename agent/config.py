@@ -46,6 +46,14 @@ DEFAULTS: dict[str, Any] = {
         "model_control": "none",  # "none" or "explicit" (enables load/unload RPCs)
         "startup_models": [],  # with explicit control: models to load at start ([]: all)
     },
+    # The repository control RPCs (RepositoryModelLoad / RepositoryModelUnload), apart
+    # from serving: off unless enabled (and repository.model_control = "explicit").
+    "control": {
+        "enabled": False,
+        "token_file": "",  # a file holding a bearer token callers must send ("": none)
+        "require_client_cert": False,  # a mutual-TLS client certificate (server.tls_client_ca)
+        "client_cns": [],  # only these client certificate subject CNs ([]: any)
+    },
     "signing": {
         "trust_dir": "models/keys/trusted",
         "allow_unsigned_models": False,
@@ -170,6 +178,20 @@ _SCHEMA: dict[str, Any] = {
                 "path": {"type": "string", "minLength": 1},
                 "model_control": {"enum": ["none", "explicit"]},
                 "startup_models": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        "control": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "enabled": {"type": "boolean"},
+                "token_file": {"type": "string"},
+                "require_client_cert": {"type": "boolean"},
+                "client_cns": {
+                    "type": "array",
+                    "uniqueItems": True,
+                    "items": {"type": "string", "minLength": 1, "maxLength": 64},
+                },
             },
         },
         "signing": {
@@ -304,6 +326,32 @@ class RepositoryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlConfig:
+    enabled: bool
+    token_file: str
+    require_client_cert: bool
+    client_cns: tuple[str, ...]
+
+
+def _control_config(
+    control: Mapping[str, Any], server: Mapping[str, Any], model_control: str, source: str
+) -> ControlConfig:
+    needs_cert = control["require_client_cert"] or control["client_cns"]
+    if needs_cert and not server["tls_client_ca"]:
+        key = "control.client_cns" if control["client_cns"] else "control.require_client_cert"
+        raise ConfigError(
+            f"{source}: key '{key}' needs 'server.tls_client_ca' (mutual TLS), "
+            "or nobody could ever present a client certificate"
+        )
+    if control["enabled"] and model_control != "explicit":
+        raise ConfigError(
+            f"{source}: key 'control.enabled' needs 'repository.model_control' = \"explicit\" "
+            "(with \"none\" there is nothing to load or unload)"
+        )
+    return ControlConfig(**{**control, "client_cns": tuple(control["client_cns"])})
+
+
+@dataclass(frozen=True, slots=True)
 class SigningConfig:
     trust_dir: str
     allow_unsigned_models: bool
@@ -402,6 +450,9 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(
         default_factory=lambda: _telemetry_config(DEFAULTS["telemetry"], "")
     )
+    control: ControlConfig = field(
+        default_factory=lambda: ControlConfig(False, "", False, ())
+    )
     source: str = field(default="<defaults>")
 
 
@@ -467,6 +518,7 @@ def build_config(overrides: Mapping[str, Any], source: str = "<defaults>") -> Ag
             startup_models=tuple(repo["startup_models"]),
         ),
         signing=SigningConfig(**merged["signing"]),
+        control=_control_config(merged["control"], server, repo["model_control"], source),
         runtime=RuntimeConfig(
             **{**runtime, "execution_providers": tuple(runtime["execution_providers"])}
         ),

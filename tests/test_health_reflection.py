@@ -88,6 +88,7 @@ def test_per_model_health_follows_unload_and_load(
     config = agent_config(
         tmp,
         repository={"path": str(EXAMPLE_MODELS), "model_control": "explicit"},
+        control={"enabled": True},  # the load/unload RPCs (unauthenticated here)
         state={"dir": str(tmp / "state")},
         telemetry={"prometheus_address": ""},  # no fixed port shared between agents
     )

@@ -93,8 +93,11 @@ def _check_reported(client: grpcclient.InferenceServerClient) -> dict[Any, Any]:
 
 
 def _start(tmp: Path, repo: Path, **sections: Any) -> AgentProcess:
-    config = write_toml(tmp / "agent.toml", serving_config(tmp, repo, **sections))
-    agent = AgentProcess(config)
+    repository = sections.pop("repository", {})
+    config = serving_config(tmp, repo, **sections)
+    config["repository"].update(repository)
+    write_toml(tmp / "agent.toml", config)
+    agent = AgentProcess(tmp / "agent.toml")
     try:
         agent.wait_serving()
     except BaseException:

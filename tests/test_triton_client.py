@@ -163,6 +163,7 @@ def explicit_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentPr
         repository={"path": str(EXAMPLE_MODELS)},
         state={"dir": str(tmp / "state")},
         telemetry={"prometheus_address": ""},  # no fixed port shared between agents
+        control={"enabled": True},  # the load/unload RPCs (unauthenticated here)
     )
     agent = AgentProcess(config, extra_args=["--model-control", "explicit"])
     try:

@@ -16,6 +16,7 @@ from agent.errors import (
     QueueFullError,
     ServerUnavailableError,
 )
+from agent.serving.control_auth import ControlCaller, ControlPolicy
 from agent.serving.inference import (
     DecodedRequest,
     InferenceRequest,
@@ -85,6 +86,7 @@ class DataPlane:
         self.explicit_model_control = explicit_model_control
         self.accepting = False  # set once start-up loading is done; cleared on drain
         self.observe: RequestObserver | None = None
+        self.control = ControlPolicy()  # who may load and unload (default: nobody)
 
     # -- health and metadata ----------------------------------------------
 
@@ -146,12 +148,14 @@ class DataPlane:
             entries.sort(key=lambda e: (e.name, _version_order(e.version)))
         return entries
 
-    async def load_model(self, name: str) -> None:
+    async def load_model(self, name: str, caller: ControlCaller | None = None) -> None:
         self._require_explicit("load")
+        self.control.authorize(caller, "load models")
         await self.models.load_model(check_model_name(name))
 
-    async def unload_model(self, name: str) -> None:
+    async def unload_model(self, name: str, caller: ControlCaller | None = None) -> None:
         self._require_explicit("unload")
+        self.control.authorize(caller, "unload models")
         await self.models.unload_model(check_model_name(name))
 
     def _require_explicit(self, what: str) -> None:

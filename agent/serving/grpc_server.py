@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agent.errors import AgentError, InvalidInputError
+from agent.serving.control_auth import ControlCaller
 from agent.serving.dataplane import DataPlane
 from agent.serving.grpc_status import status_for
 from agent.serving.inference import InferenceRequest, InferenceResponse, InputTensor
@@ -130,6 +131,22 @@ def statistics_to_wire(model: ServingModel) -> pb.ModelStatistics:
     )
 
 
+def control_caller(context: Any) -> ControlCaller:
+    """The credentials a control call came with: its 'authorization' metadata and the
+    CNs of the client certificate TLS verified (none without mutual TLS)."""
+    authorization = tuple(
+        value if isinstance(value, str) else value.decode("utf-8", "surrogateescape")
+        for key, value in (context.invocation_metadata() or ())
+        if key.lower() == "authorization"
+    )
+    auth = context.auth_context() or {}
+    secure = auth.get("transport_security_type") == [b"ssl"]
+    cns = tuple(
+        cn.decode("utf-8", "replace") for cn in auth.get("x509_common_name", [])
+    ) if secure else ()
+    return ControlCaller(authorization, cns)
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane) -> None:
         self._plane = plane
@@ -188,7 +205,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: Any, context: Any
     ) -> pb.RepositoryModelLoadResponse:
         try:
-            await self._plane.load_model(request.model_name)
+            await self._plane.load_model(request.model_name, control_caller(context))
         except AgentError as exc:
             await context.abort(status_for(exc), str(exc))
         return pb.RepositoryModelLoadResponse()
@@ -197,7 +214,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: Any, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
         try:
-            await self._plane.unload_model(request.model_name)
+            await self._plane.unload_model(request.model_name, control_caller(context))
         except AgentError as exc:
             await context.abort(status_for(exc), str(exc))
         return pb.RepositoryModelUnloadResponse()

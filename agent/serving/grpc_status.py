@@ -18,6 +18,8 @@ _STATUS: dict[type[errors.AgentError], grpc.StatusCode] = {
     errors.VerificationError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.InferenceFailedError: grpc.StatusCode.INTERNAL,
     errors.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
