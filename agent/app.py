@@ -24,6 +24,7 @@ from agent.config import (
 )
 from agent.errors import AgentError, ConfigError
 from agent.fleet.state_store import StateStore
+from agent.serving.control_auth import control_policy
 from agent.serving.dataplane import DataPlane
 from agent.serving.grpc_server import HealthReporter, TlsFiles, build_server
 from agent.serving.model_manager import UNAVAILABLE, LoadSettings, ModelManager, ModelReader
@@ -101,7 +102,7 @@ def _remaining(deadline: float) -> float:
 
 
 # Config sections a reload applies (server only in part); the others need a restart.
-_RELOADABLE = ("repository", "logging", "server", "source")
+_RELOADABLE = ("repository", "logging", "server", "control", "source")
 
 
 def _restart_only(server: ServerConfig) -> ServerConfig:
@@ -149,6 +150,7 @@ class Agent:
             Path(config.repository.path), reader, settings, self._models_changed
         )
         self.plane = DataPlane(self.models, config.repository.model_control == "explicit")
+        self.plane.control = control_policy(config)  # reads control.token_file
         # Health and drift telemetry (Prometheus, and MQTT when the fleet plane is on).
         # Its stop hook is registered first: the flush runs before MQTT says offline.
         self.telemetry = TelemetryService(
@@ -316,6 +318,7 @@ class Agent:
         """Returns what went wrong for the status line, or None."""
         try:
             new = read_config(self._config_path, self._overrides)
+            control = control_policy(new)  # a rotated token file applies now
         except ConfigError as exc:
             log.error(
                 "reload refused: config invalid, keeping the running one",
@@ -341,6 +344,7 @@ class Agent:
             old,
             repository=new.repository,
             logging=new.logging,
+            control=new.control,
             server=replace(
                 old.server,
                 drain_timeout_s=new.server.drain_timeout_s,
@@ -351,6 +355,7 @@ class Agent:
             self._watchdog.stall_timeout_s = new.server.stall_timeout_s
         explicit = new.repository.model_control == "explicit"
         self.plane.explicit_model_control = explicit
+        self.plane.control = control
         self.models.root = Path(new.repository.path)
         # With explicit model control, only what is loaded is rescanned; the rest
         # waits for a RepositoryModelLoad.
