@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     # Imported where used, so that a feature that is off costs no memory or start-up
     # time: fleet updates and MQTT (paho, cryptography) and signature checks.
     from agent.fleet.updater import Updater
+    from agent.mqtt.client import Message, MqttClient
 
 log = logging.getLogger("agent")
 
@@ -165,7 +166,8 @@ class Agent:
         # Fleet updates: the state (pins) applies even with MQTT off; the MQTT side
         # starts after serving does, and never holds serving up. Created by start()
         # only if MQTT is on or a fleet state exists (else the fleet code is not loaded).
-        self.updater: Updater | None = None
+        self.updater: Updater[Message] | None = None
+        self._fleet_client: MqttClient | None = None  # the one MQTT connection
         self.health = HealthReporter(self.plane)
         self._server: Any = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -256,25 +258,32 @@ class Agent:
         store = StateStore(Path(cfg.state.dir))
         if not cfg.mqtt.enabled and not store.path.exists():
             return {}
-        from agent.fleet.updater import Updater, UpdaterSettings
+        from agent.fleet.settings import UpdaterSettings
+        from agent.fleet.updater import Updater
+        from agent.fleet_adapters import OnnxVersionValidator, session_options
 
-        self.updater = Updater(UpdaterSettings.from_config(cfg), self.models, store)
+        validator = OnnxVersionValidator(session_options(cfg), self.models.free)
+        self.updater = Updater(UpdaterSettings.from_config(cfg), self.models, validator, store)
         return self.updater.prepare(cfg.mqtt.enabled)
 
     async def _start_fleet(self) -> None:
         """Connect to the broker in the background; a broker that is away is retried."""
-        from agent.fleet.updater import mqtt_settings
+        from agent.fleet.downloader import MqttChunkFetcher
+        from agent.fleet_adapters import mqtt_settings, mqtt_will
         from agent.mqtt.client import MqttClient
 
         assert self.updater is not None  # MQTT on: start() created it
-        device = self.updater.settings.device_id
+        s = self.updater.settings
+        device = s.device_id
         try:
-            client = MqttClient(mqtt_settings(self.config, device), self.updater.will())
+            client = MqttClient(mqtt_settings(self.config, device), mqtt_will(self.updater.will()))
         except (OSError, ValueError) as exc:  # TLS files unreadable or unusable
             log.error("fleet updates off: cannot set up MQTT (check the mqtt.tls_* keys)",
                       extra={"reason": str(exc)})
             return
-        await self.updater.start(client)
+        fetcher = MqttChunkFetcher(client, s.prefix, device, s.chunk_timeout_s)
+        self._fleet_client = client
+        await self.updater.start(client, fetcher)
         self.add_stop_hook("fleet: offline state", self.updater.stop)
         log.info("fleet updates on",
                  extra={"device": device, "broker": f"{self.config.mqtt.host}:"
@@ -282,7 +291,7 @@ class Agent:
 
     async def _start_telemetry(self) -> None:
         updater = self.updater
-        client = updater.client if updater is not None else None  # the one MQTT connection
+        client = self._fleet_client
         if updater is not None and client is not None:
             s = updater.settings
             self.telemetry.attach_mqtt(client, s.prefix, s.device_id)
