@@ -108,8 +108,10 @@ def write_version(
     wrong_vectors: bool = False,
     batch_one_only: bool = False,
     padding: int = 0,
+    model: str = MODEL,
 ) -> Path:
-    """A signed version directory of the scale model (with validation vectors)."""
+    """A signed version directory of the scale model (with validation vectors), signed
+    as ``model`` / the directory's name (identity.json)."""
     directory.mkdir(parents=True)
     (directory / "model.onnx").write_bytes(scale_model(k, batch_one_only, padding))
     if vectors:
@@ -119,7 +121,7 @@ def write_version(
         (directory / "validation.json").write_text(
             json.dumps({"schema": "edge.validation", "version": 1, "rtol": 1e-6, "atol": 1e-6})
         )
-    sign_version(directory, key, model_name=MODEL)
+    sign_version(directory, key, model_name=model)
     return directory
 
 

@@ -430,6 +430,17 @@ def test_mix_and_match_of_separately_signed_files_is_rejected(fleet: Fleet) -> N
     failed_after_download(fleet, doc, "file_digest_mismatch")
 
 
+def test_a_version_signed_as_another_version_or_model_is_rejected(fleet: Fleet) -> None:
+    """Issue 17 item 4: the signed identity.json must be the deployment's model/version."""
+    signed_as, files = fleet.version()
+    failed_after_download(
+        fleet, deployment_doc(files, signed_as + 100, fleet.seq()), "identity_mismatch"
+    )
+    doc = deployment_doc(files, signed_as, fleet.seq())
+    doc["model"]["name"] = "another_model"
+    failed_after_download(fleet, doc, "identity_mismatch")
+
+
 def test_a_file_the_model_signature_does_not_cover_is_rejected(fleet: Fleet) -> None:
     version, files = fleet.version()
     extra = {**files, "smuggled.py": b"import os\n"}
@@ -705,7 +716,7 @@ def test_the_agent_serves_without_a_broker_and_reports_online_and_offline(
         assert birth["device"] == DEVICE
         assert birth["models"][MODEL]["active_version"] == 1
         # Without its deployment trust store the agent refuses every deployment.
-        files = version_files(write_version(tmp_path / "v2", 2.0, keys.model))
+        files = version_files(write_version(tmp_path / "v2" / "2", 2.0, keys.model))
         doc = deployment_doc(files, 2, 1)
         controller.deploy(doc, keys.deploy)
         refused = controller.wait_job(doc["deployment_id"], {"REJECTED"}, 10)
@@ -727,7 +738,9 @@ def test_the_agent_serves_without_a_broker_and_reports_online_and_offline(
 
 def test_a_model_new_to_the_device_is_installed(fleet: Fleet) -> None:
     wait_idle(fleet)
-    directory = write_version(fleet.tmp / "published-fresh" / "1", 5.0, fleet.keys.model)
+    directory = write_version(
+        fleet.tmp / "published-fresh" / "1", 5.0, fleet.keys.model, model="fresh"
+    )
     files = version_files(directory)
     fleet.controller.add_files(files)
     doc = deployment_doc(files, 1, fleet.seq())
