@@ -145,6 +145,7 @@ class Agent:
             ),
             default_instance_count=config.runtime.default_instance_count,
             default_max_queue_size=config.runtime.default_max_queue_size,
+            max_instance_count=config.runtime.max_instance_count,
         )
         reader = make_reader(config)
         self.models = ModelManager(

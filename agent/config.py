@@ -65,6 +65,7 @@ DEFAULTS: dict[str, Any] = {
         "execution_providers": ["CPUExecutionProvider"],
         "default_instance_count": 1,
         "default_max_queue_size": 1024,
+        "max_instance_count": 0,  # per model (threads); 0: 4 per CPU, at least 8
     },
     "state": {
         "dir": "state",
@@ -216,6 +217,7 @@ _SCHEMA: dict[str, Any] = {
                 },
                 "default_instance_count": {"type": "integer", "minimum": 1, "maximum": 256},
                 "default_max_queue_size": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+                "max_instance_count": {"type": "integer", "minimum": 0, "maximum": 1024},
             },
         },
         "state": {
@@ -365,6 +367,7 @@ class RuntimeConfig:
     execution_providers: tuple[str, ...]
     default_instance_count: int
     default_max_queue_size: int
+    max_instance_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ The completed ``ModelConfig`` message is what the ModelConfig RPC returns; the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,12 @@ from agent.wire import model_config_pb2 as mc
 ONNX_PLATFORM = "onnxruntime_onnx"
 ONNX_BACKEND = "onnxruntime"
 DEFAULT_MODEL_FILENAME = "model.onnx"
+
+
+def default_max_instances() -> int:
+    """The instance bound when ``runtime.max_instance_count`` is 0: each instance
+    is a thread, and more than a few per CPU only queue for the same cores."""
+    return max(8, 4 * (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +82,13 @@ def complete_config(
     graph_inputs: Sequence[GraphTensor],
     graph_outputs: Sequence[GraphTensor],
     default_instance_count: int,
+    max_instance_count: int = 0,
 ) -> mc.ModelConfig:
-    """Fill what config.pbtxt left out from the graph and check what it says."""
+    """Fill what config.pbtxt left out from the graph and check what it says.
+
+    The instance groups may not add up to more than ``max_instance_count``
+    instances (0: ``default_max_instances()``).
+    """
     done = mc.ModelConfig()
     done.CopyFrom(config)
     if done.name and done.name != model_name:
@@ -135,6 +147,16 @@ def complete_config(
             group.kind = mc.ModelInstanceGroup.KIND_CPU
         if not group.name:
             group.name = model_name
+    bound = max_instance_count or default_max_instances()
+    total = sum(g.count for g in done.instance_group)
+    if total > bound:
+        where = "instance_group count" if config.instance_group else (
+            "instance_group count (from runtime.default_instance_count)"
+        )
+        raise ModelConfigError(
+            f"model '{model_name}': {where} {total} is above the bound of {bound} instances "
+            f"(one thread each; runtime.max_instance_count, default 4 per CPU, at least 8)"
+        )
     return done
 
 
