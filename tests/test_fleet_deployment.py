@@ -431,7 +431,7 @@ def signed_version(tmp_path: Path, files: dict[str, bytes]) -> tuple[Path, dict[
 
 def deployment_for(version: Path, names: list[str]) -> Deployment:
     files = []
-    for name in [*names, "model.sig"]:
+    for name in [*names, "identity.json", "model.sig"]:  # sign_version writes identity.json
         data = (version / name).read_bytes()
         files.append({"path": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
     doc = document(model_files=files)
