@@ -63,6 +63,7 @@ class LoadSettings:
     session: SessionOptions
     default_instance_count: int
     default_max_queue_size: int
+    max_instance_count: int = 0  # 0: model_config.default_max_instances()
 
 
 @dataclass(slots=True)
@@ -167,7 +168,8 @@ def _load_blocking(
     if warm_up:
         _warm_up(session, model.name, version)
     config = complete_config(
-        declared, model.name, session.inputs, session.outputs, settings.default_instance_count
+        declared, model.name, session.inputs, session.outputs, settings.default_instance_count,
+        settings.max_instance_count,
     )
     spec = model_spec(config, str(version), settings.default_max_queue_size)
     return _Loaded(spec, config, session, fingerprint)
