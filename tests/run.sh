@@ -48,6 +48,7 @@ fi
 
 .venv/bin/ruff check .
 .venv/bin/mypy
+tests/onnxruntime_floor.sh  # the oldest onnxruntime allowed: signed loading, external data
 .venv/bin/lint-imports  # the import contracts in pyproject.toml
 # pytest runs in two processes. tests/unit imports the agent's protobuf modules
 # (agent.wire), and tritonclient registers the same Triton .proto files

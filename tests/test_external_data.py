@@ -277,11 +277,10 @@ def test_start_up_serves_in_directory_weights_and_refuses_every_escape(tmp_path:
     shutil.copytree(MODELS / "tabular_classifier", repo / "tabular_classifier")
     outside = tmp_path / "outside.bin"
     outside.write_bytes(OUTSIDE.tobytes())
-    (repo / "outside.bin").write_bytes(OUTSIDE.tobytes())  # what ../../outside.bin reaches
     _version(repo, "good", 1, "weights.bin")
     _version(repo, "good_sub", 1, "./data/w.bin", weights="data/w.bin")
     _version(repo, "absolute", 1, str(outside))
-    _version(repo, "dotdot", 1, "../../outside.bin")
+    _version(repo, "dotdot", 1, "../../../outside.bin")  # from models/dotdot/1
     _version(repo, "ignored", 1, ".git/w.bin", weights=".git/w.bin")  # signer skips .git
     _version(repo, "range", 1, "weights.bin", offset=4)
     unsigned = _version(repo, "unsigned", 1, "extra.bin")
