@@ -232,9 +232,9 @@ class ModelManager:
         """Unusable repository entries found by the last scan, per model name."""
         return self._problems
 
-    def unavailable(self) -> list[dict[str, str]]:
-        """Every model version and repository entry that is not serving, and why
-        (for reports upstream)."""
+    def unavailable(self, limit: int = 64) -> list[dict[str, str]]:
+        """Model versions and repository entries that are not serving, and why (for
+        reports upstream): at most ``limit``, reasons cut to 300 characters."""
         out = [
             {"model": name, "version": "" if v == "0" else v, "reason": s.reason}
             for name, states in sorted(self._states.items())
@@ -246,7 +246,7 @@ class ModelManager:
             for _name, found in sorted(self._problems.items())
             for p in found
         )
-        return out
+        return [{k: v[:300] for k, v in entry.items()} for entry in out[:limit]]
 
     def serving(self) -> list[ServingModel]:
         return [m for versions in self._serving.values() for m in versions.values()]

@@ -257,6 +257,8 @@ class TelemetryService:
             "process": {k: process[k] for k in ("rss_bytes", "threads", "open_files",
                                                  "cpu_percent")},
             "models": models_health(snaps, st.last_health, interval),
+            # Versions and repository entries that are not serving, with the reason.
+            "unavailable": self.models.unavailable(),
             "telemetry": self._telemetry_counters(),
         }
         st.last_health = {(s.name, s.version): s for s in snaps}
