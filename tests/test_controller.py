@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.controller.envelopes import known_envelopes
 from agent.controller.server import (
     ChunkRequestError,
     ChunkServer,
@@ -124,6 +125,16 @@ def fleet(tmp_path: Path, mqtt_tls_broker: MosquittoBroker) -> Fleet:
 
 def _run(coro: Any, timeout: float = 120.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def _grant(fleet: Fleet, *devices: str) -> None:
+    """Deploy the published version to ``devices``: the chunk server serves its blobs
+    only to devices a deployment targets (a serve started later reads the store)."""
+    args = ["deploy", MODEL, "3", "--config", str(fleet.config)]
+    for device in devices or ("dev-a",):
+        args += ["--device", device]
+    result = run_controller(args)
+    assert result.returncode == 0, result.stderr
 
 
 # --------------------------------------------------------------------------- publish
@@ -317,6 +328,8 @@ def test_deploy_refuses_unknown_versions_and_bad_devices(fleet: Fleet) -> None:
 
 
 def test_serve_answers_chunk_requests_with_exact_bytes(fleet: Fleet) -> None:
+    _grant(fleet)
+
     async def scenario() -> None:
         async with DeviceClient(device_settings(fleet.broker, "dev-a"), "dev-a") as dev:
             # One request: the answer carries the protocol's user properties and the
@@ -391,6 +404,7 @@ def test_requests_past_their_expiry_are_shed_and_answers_carry_what_is_left(
 ) -> None:
     """Overload protection (docs/fleet-protocol.md): the expiry a request arrived with,
     minus the time it has waited at the controller, decides whether it is answered."""
+    _grant(fleet)
 
     async def scenario() -> None:
         controller = MqttClient(
@@ -398,8 +412,9 @@ def test_requests_past_their_expiry_are_shed_and_answers_carry_what_is_left(
         )
         await controller.start()
         await controller.wait_connected(10)
-        server = ChunkServer(controller, ArtifactStore(fleet.store), prefix="edge",
-                             share_group="shed-test")
+        store = ArtifactStore(fleet.store)
+        server = ChunkServer(controller, store, grants=known_envelopes(store, None),
+                             prefix="edge", share_group="shed-test")
         try:
             async with DeviceClient(device_settings(fleet.broker, "dev-a"), "dev-a") as dev:
 
@@ -447,6 +462,7 @@ def test_two_controllers_share_the_requests(fleet: Fleet, tmp_path: Path) -> Non
     )
     chunk = 16 * 1024
     expected_chunks = -(-MODEL_BYTES // chunk)
+    _grant(fleet)
 
     async def scenario() -> None:
         async with DeviceClient(device_settings(fleet.broker, "dev-a"), "dev-a") as dev:
@@ -474,7 +490,8 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
     ("offset past the end", {"offset": MODEL_BYTES}, "bad_request"),
     ("float length", {"length": 1.5}, "bad_request"),
     ("boolean offset", {"offset": True}, "bad_request"),
-    ("unknown artifact", {"sha256": "0" * 64}, "not_found"),
+    # Refused before the store is looked at: the answer does not tell what exists.
+    ("unknown artifact", {"sha256": "0" * 64}, "not_authorized"),
     ("upper-case digest", {"sha256": "A" * 64}, "bad_request"),
     ("other device in payload", {"device": "dev-b"}, "bad_request"),
     ("unknown schema", {"schema": "edge.chunk_requests"}, "bad_request"),
@@ -488,6 +505,8 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
 
 
 def test_bad_chunk_requests_get_chunk_errors(fleet: Fleet) -> None:
+    _grant(fleet)
+
     async def scenario() -> None:
         async with DeviceClient(device_settings(fleet.broker, "dev-a"), "dev-a") as dev:
             for name, change, code in BAD_REQUESTS:
@@ -533,6 +552,7 @@ def test_bad_chunk_requests_get_chunk_errors(fleet: Fleet) -> None:
         stopped = controller.stop()
     assert stopped is not None
     assert stopped["errors"] == len(BAD_REQUESTS) + 1
+    assert stopped["not_authorized"] == 1
     assert stopped["chunks"] == 1
 
 
@@ -572,14 +592,20 @@ def test_status_keeps_latest_reports_per_device(fleet: Fleet) -> None:
         "job": None,
         "highest_sequence": 0,
     }
+    _grant(fleet)
+    (record_path,) = (fleet.store / "deployments").glob("*.json")
+    record = json.loads(record_path.read_text())
+    deployment_id = record["deployment"]["deployment_id"]
+    envelope_sha = hashlib.sha256(record["published"].encode()).hexdigest()
 
-    def job(phase: str, status: str) -> bytes:
+    def job(phase: str, status: str, envelope: str | None = envelope_sha) -> bytes:
         return json.dumps(
             {
                 "schema": "edge.job_progress",
                 "version": 1,
                 "device": "dev-a",
-                "deployment_id": "d-1",
+                "deployment_id": deployment_id,
+                "envelope_sha256": envelope,
                 "sequence": 1,
                 "model": MODEL,
                 "model_version": 3,
@@ -605,6 +631,8 @@ def test_status_keeps_latest_reports_per_device(fleet: Fleet) -> None:
             bad = json.loads(job("Failed", "FAILED"))
             bad["device"] = "dev-b"
             await dev.client.publish("edge/devices/dev-a/jobs", json.dumps(bad).encode())
+            # Kept apart: about bytes the controller never published as this deployment.
+            await dev.client.publish("edge/devices/dev-a/jobs", job("Failed", "REJECTED", None))
 
     with ControllerProcess(fleet.config).wait_serving() as controller:
         _run(device_reports())
@@ -614,13 +642,15 @@ def test_status_keeps_latest_reports_per_device(fleet: Fleet) -> None:
             result = run_controller(["status", "dev-a", "--config", str(fleet.config)])
             if result.returncode == 0:
                 shown = json.loads(result.stdout)
-                if len(shown.get("job_history", [])) >= 2:
+                if len(shown.get("job_history", [])) >= 2 and shown.get("unverified"):
                     break
             time.sleep(0.2)
         controller.stop()
     assert shown["reported"]["message"] == reported
     assert shown["jobs"]["message"]["phase"] == "Active"
     assert [j["phase"] for j in shown["job_history"]] == ["Downloading", "Active"]
+    assert shown["unverified"]["count"] == 1
+    assert shown["unverified"]["recent"][0]["status"] == "REJECTED"
     assert "health" not in shown
 
     table = run_controller(["status", "--config", str(fleet.config)])
@@ -658,6 +688,7 @@ def test_download_survives_a_device_in_the_share_group(fleet: Fleet) -> None:
     """A device that joins the controllers' share group swallows its turn of the
     requests (mosquitto's acl_file checks deliveries, not subscriptions); the
     downloading device re-requests what timed out and still gets every byte."""
+    _grant(fleet)
 
     async def scenario() -> DownloadStats:
         rogue = DeviceClient(device_settings(fleet.broker, "dev-b"), "dev-b")
@@ -694,6 +725,7 @@ def test_serve_limits_its_send_rate(fleet: Fleet, tmp_path: Path) -> None:
         max_chunk_bytes=MAX_CHUNK,
         max_bytes_per_s=rate,
     )
+    _grant(fleet)
 
     async def scenario() -> float:
         async with DeviceClient(device_settings(fleet.broker, "dev-a"), "dev-a") as dev:

@@ -262,6 +262,14 @@ def run_status(args: argparse.Namespace) -> int:
         print(json.dumps([row.to_json() for row in rows], indent=2, sort_keys=True))
         return EXIT_OK
     print("\n".join(table_lines(rows)))
+    from agent.controller.status import load_status, unverified_lines
+
+    try:
+        extra = unverified_lines(load_status(config.status_file))
+    except (OSError, ValueError):  # replaced meanwhile: the table is what matters
+        extra = []
+    if extra:
+        print("\n".join(extra))
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ device's ``desired`` topic.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -23,6 +24,7 @@ from agent.controller.store import ArtifactStore, ModelManifest
 from agent.errors import AgentError
 from agent.mqtt.client import MqttClient
 from agent.protocol.deployment import sign_deployment
+from agent.protocol.names import RESERVED_DEVICE_PREFIX, is_reserved_device_id
 from agent.protocol.topics import (
     SCHEMA_DEPLOYMENT,
     SCHEMA_VERSION,
@@ -55,6 +57,11 @@ class IssuedDeployment:
     def sequence(self) -> int:
         return int(self.deployment["sequence"])
 
+    @property
+    def envelope_sha256(self) -> str:
+        """SHA-256 of the published bytes: devices name it in their reports about it."""
+        return hashlib.sha256(self.payload).hexdigest()
+
 
 def check_devices(devices: Sequence[str]) -> None:
     if not devices:
@@ -62,6 +69,11 @@ def check_devices(devices: Sequence[str]) -> None:
     if len(devices) > MAX_DEVICES:
         raise DeploymentError(f"at most {MAX_DEVICES} devices per deployment")
     for device in devices:
+        if isinstance(device, str) and is_reserved_device_id(device):
+            raise DeploymentError(
+                f"device id {device!r} is reserved: ids starting with "
+                f"{RESERVED_DEVICE_PREFIX!r} belong to controllers"
+            )
         if not is_device_id(device):
             raise DeploymentError(f"device id {device!r}: 1-64 letters, digits, '_', '.' or '-'")
     if len(set(devices)) != len(devices):

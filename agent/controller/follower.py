@@ -4,7 +4,9 @@
 state without a ``serve`` process: this subscribes to the report topics (not
 shared: every controller sees every report), feeds a :class:`StatusBook`, and
 ``settle`` waits until the broker has delivered the retained ``reported``
-messages (no new message for ``quiet_s``, bounded by ``timeout``).
+messages (no new message for ``quiet_s``, bounded by ``timeout``). It follows
+the retained ``desired`` messages too, so that reports bind to the envelopes
+other controllers published (``PublishedEnvelopes``).
 """
 
 from __future__ import annotations
@@ -15,16 +17,24 @@ from collections.abc import Mapping
 
 from agent.controller import fleetview
 from agent.controller import rollout as ro
+from agent.controller.envelopes import (
+    PublishedEnvelopes,
+    desired_subscription,
+    device_of_desired_topic,
+)
 from agent.controller.status import StatusBook
 from agent.mqtt.client import MqttClient, MqttSettings
 from agent.protocol.topics import report_subscriptions, split_report_topic
 
 
 class FleetFollower:
-    def __init__(self, settings: MqttSettings, prefix: str) -> None:
+    def __init__(
+        self, settings: MqttSettings, prefix: str, envelopes: PublishedEnvelopes | None = None
+    ) -> None:
         self.client = MqttClient(settings)
         self.prefix = prefix
-        self.book = StatusBook(None)
+        self.envelopes = envelopes if envelopes is not None else PublishedEnvelopes()
+        self.book = StatusBook(None, envelopes=self.envelopes)
         self.last_message = 0.0
         self._task: asyncio.Task[None] | None = None
 
@@ -32,6 +42,7 @@ class FleetFollower:
         await self.client.start()
         await self.client.wait_connected(timeout)
         self._task = asyncio.create_task(self._consume())
+        await self.client.subscribe(desired_subscription(self.prefix), qos=1)
         for topic_filter in report_subscriptions(self.prefix):
             await self.client.subscribe(topic_filter, qos=1)
         self.last_message = time.monotonic()
@@ -39,6 +50,10 @@ class FleetFollower:
     async def _consume(self) -> None:
         while True:
             message = await self.client.messages.get()
+            device = device_of_desired_topic(self.prefix, message.topic)
+            if device is not None:
+                self.envelopes.observe_desired(device, message.payload)
+                continue
             parsed = split_report_topic(self.prefix, message.topic)
             if parsed is not None:
                 self.book.observe(parsed[0], parsed[1], message.payload)

@@ -99,12 +99,17 @@ def plan_summary(plan: ro.RolloutPlan) -> str:
 async def _start_follower(config: ControllerConfig, timeout: float) -> FleetFollower:
     from dataclasses import replace
 
+    from agent.controller.envelopes import known_envelopes
     from agent.controller.follower import FleetFollower
+    from agent.controller.service import _load_key
+    from agent.controller.store import ArtifactStore
 
     settings = replace(
         config.broker, client_id=f"{config.broker.client_id}-rollout"[:128]
     )
-    follower = FleetFollower(settings, config.prefix)
+    key = _load_key(config) if config.deploy_key is not None else None
+    envelopes = await asyncio.to_thread(known_envelopes, ArtifactStore(config.store_dir), key)
+    follower = FleetFollower(settings, config.prefix, envelopes)
     await follower.start(timeout)
     await follower.settle()
     return follower
@@ -135,6 +140,7 @@ async def _drive(
         _load_key(config),
         owner,
         lease_ttl_s=config.rollout.lease_ttl_s,
+        envelopes=follower.envelopes,
     )
     tty = sys.stdout.isatty()
     deadline = time.monotonic() + max_wait

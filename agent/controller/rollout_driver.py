@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.controller import rollout as ro
 from agent.controller.deploy import MAX_DEVICES, IssuedDeployment, issue_deployment
+from agent.controller.envelopes import PublishedEnvelopes
 from agent.controller.store import ArtifactStore, StoreError, write_atomically
 from agent.mqtt.client import MqttClient
 from agent.protocol.topics import desired_topic
@@ -221,6 +222,7 @@ class RolloutDriver:
         owner: str,
         clock: Callable[[], float] = time.time,
         lease_ttl_s: float = LEASE_TTL_S,
+        envelopes: PublishedEnvelopes | None = None,
     ) -> None:
         self.store = store
         self.book = book
@@ -230,6 +232,9 @@ class RolloutDriver:
         self.owner = owner
         self.clock = clock
         self.lease_ttl_s = lease_ttl_s
+        # Where issued deployments are registered before they are published, so that
+        # the devices' reports bind and their chunk requests are granted.
+        self.envelopes = envelopes
         self._republished: set[str] = set()
 
     def _issue(
@@ -252,6 +257,8 @@ class RolloutDriver:
         return issued
 
     async def _publish(self, issued: list[IssuedDeployment]) -> None:
+        if self.envelopes is not None:
+            self.envelopes.add_all(issued)
         for deployment in issued:
             for device in deployment.deployment["devices"]:
                 await self.client.publish(

@@ -2,9 +2,15 @@
 
 Controllers subscribe ``$share/{group}/{prefix}/artifacts/request/+``, so the
 broker hands each request to one of them and several controller processes can
-serve one fleet. ``parse_chunk_request`` is pure (bytes in, request or error
-out); ``ChunkServer`` finds the bytes in the store and publishes the answer,
-whose payload is sent from the blob's file (``FileRegion``), not from memory.
+serve one fleet. The protocol's pure parts (request parsing, answer headers,
+error codes) are ``agent.protocol.chunks``, shared with the device's fetcher;
+``ChunkServer`` finds the bytes in the store and publishes the answer, whose
+payload is sent from the blob's file (``FileRegion``), not from memory.
+
+A blob is served only to a device that an unexpired known deployment targets
+with it (``BlobGrants``, precomputed per (device, blob) as deployments become
+known, so the check on the network thread's fast path is one dict lookup);
+anything else gets a ``not_authorized`` error, counted in ``ServeStats``.
 
 The answer always goes to ``{prefix}/devices/{d}/artifacts`` for the device
 named by the request topic (which the broker's ACL ties to the client
@@ -15,7 +21,6 @@ trusted, since the controller may publish anywhere.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -24,30 +29,40 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from agent.common.background import BackgroundThread
 from agent.common.pacing import RateLimiter
 from agent.controller.store import ArtifactStore
 from agent.mqtt.client import FileRegion, Message, MqttClient, MqttError
-from agent.protocol.topics import (
+from agent.protocol.chunks import (
+    BAD_REQUEST,
     DEFAULT_MAX_CHUNK_BYTES,
-    MAX_JSON_BYTES,
-    SCHEMA_CHUNK,
-    SCHEMA_CHUNK_ERROR,
-    SCHEMA_CHUNK_REQUEST,
-    SCHEMA_VERSION,
-    SHA256_HEX,
-    artifacts_topic,
-    device_of_request_topic,
-    encode_json,
-    request_subscription,
+    ERROR_PROPERTIES,
+    NOT_AUTHORIZED,
+    NOT_FOUND,
+    ChunkRequest,
+    ChunkRequestError,
+    check_correlation,
+    chunk_properties,
+    encode_chunk_error,
+    parse_chunk_request,
 )
+from agent.protocol.topics import artifacts_topic, device_of_request_topic, request_subscription
+
+__all__ = [
+    "BlobGrants",
+    "ChunkRequest",
+    "ChunkRequestError",
+    "ChunkServer",
+    "ServeStats",
+    "open_blob",
+    "parse_chunk_request",
+    "stats_event",
+]
 
 log = logging.getLogger("agent.controller.server")
 
-REQUEST_KEYS: Final = frozenset({"schema", "version", "device", "sha256", "offset", "length"})
-MAX_CORRELATION_BYTES: Final = 256
 MAX_OPEN_BLOBS: Final = 64
 MAX_CONCURRENT_REQUESTS: Final = 64
 # A request with less time left than this is not answered: the answer would
@@ -55,86 +70,10 @@ MAX_CONCURRENT_REQUESTS: Final = 64
 SHED_BELOW_S: Final = 0.5
 
 
-class ChunkRequestError(Exception):
-    """A request that gets an ``edge.chunk_error`` answer."""
+class BlobGrants(Protocol):
+    """Which device may fetch which blob (``PublishedEnvelopes``); called on any thread."""
 
-    def __init__(
-        self, code: str, message: str, sha256: str | None = None, offset: int | None = None
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.sha256 = sha256
-        self.offset = offset
-
-
-@dataclass(frozen=True)
-class ChunkRequest:
-    device: str
-    sha256: str
-    offset: int
-    length: int
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def parse_chunk_request(
-    topic_device: str, payload: bytes, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
-) -> ChunkRequest:
-    """Validate a chunk request's payload; raise ChunkRequestError(bad_request) if it is bad."""
-    if len(payload) > MAX_JSON_BYTES:
-        raise ChunkRequestError("bad_request", f"request larger than {MAX_JSON_BYTES} bytes")
-    try:
-        data: Any = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ChunkRequestError("bad_request", "request is not UTF-8 JSON") from None
-    if not isinstance(data, dict):
-        raise ChunkRequestError("bad_request", "request is not a JSON object")
-    sha = data.get("sha256")
-    sha_echo = sha if isinstance(sha, str) and SHA256_HEX.match(sha) else None
-    offset: Any = data.get("offset")
-    offset_echo = offset if _is_int(offset) and 0 <= offset < 2**63 else None
-
-    def bad(message: str) -> ChunkRequestError:
-        return ChunkRequestError("bad_request", message, sha_echo, offset_echo)
-
-    if data.get("schema") != SCHEMA_CHUNK_REQUEST:
-        raise bad(f"schema {data.get('schema')!r} is not {SCHEMA_CHUNK_REQUEST!r}")
-    if data.get("version") != SCHEMA_VERSION or not _is_int(data.get("version")):
-        raise bad(f"version {data.get('version')!r} is not {SCHEMA_VERSION}")
-    unknown = sorted(set(data) - REQUEST_KEYS)
-    if unknown:
-        raise bad(f"unknown field {unknown[0]!r}")
-    missing = sorted(REQUEST_KEYS - set(data))
-    if missing:
-        raise bad(f"missing field {missing[0]!r}")
-    if data["device"] != topic_device:
-        raise bad(f"device {data['device']!r} does not match the request topic ({topic_device})")
-    if sha_echo is None:
-        raise bad("sha256 is not a lower-case hex SHA-256 digest")
-    if offset_echo is None:
-        raise bad(f"offset {offset!r} is not a non-negative integer")
-    length = data["length"]
-    if not _is_int(length) or length <= 0:
-        raise bad(f"length {length!r} is not a positive integer")
-    if length > max_chunk_bytes:
-        raise bad(f"length {length} exceeds the maximum chunk size {max_chunk_bytes}")
-    return ChunkRequest(topic_device, sha_echo, offset_echo, length)
-
-
-def chunk_error_payload(error: ChunkRequestError) -> bytes:
-    return encode_json(
-        {
-            "schema": SCHEMA_CHUNK_ERROR,
-            "version": SCHEMA_VERSION,
-            "sha256": error.sha256,
-            "offset": error.offset,
-            "code": error.code,
-            "message": error.message,
-        }
-    )
+    def allowed(self, device: str, sha256: str) -> bool: ...
 
 
 @dataclass
@@ -145,12 +84,14 @@ class ServeStats:
     dropped: int = 0  # requests that could not be answered at all (bad topic)
     shed: int = 0  # requests left unanswered because the device has stopped waiting
     inline: int = 0  # of the chunks, those answered on the MQTT network thread
+    not_authorized: int = 0  # of the errors, requests for a blob no deployment gives the device
 
     def as_dict(self) -> dict[str, int]:
         return {
             "chunks": self.chunks,
             "bytes": self.bytes,
             "errors": self.errors,
+            "not_authorized": self.not_authorized,
             "dropped": self.dropped,
             "shed": self.shed,
             "inline": self.inline,
@@ -231,6 +172,7 @@ class ChunkServer:
         client: MqttClient,
         store: ArtifactStore,
         *,
+        grants: BlobGrants,
         prefix: str,
         share_group: str,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
@@ -238,6 +180,7 @@ class ChunkServer:
     ) -> None:
         self.client = client
         self.store = store
+        self.grants = grants
         self.prefix = prefix
         self.share_group = share_group
         self.max_chunk_bytes = max_chunk_bytes
@@ -310,7 +253,7 @@ class ChunkServer:
                 artifacts_topic(self.prefix, device),
                 region,
                 correlation_data=message.correlation_data,
-                user_properties=_chunk_properties(request),
+                user_properties=chunk_properties(request.sha256, request.offset),
                 expiry_s=_expiry_left(message),
             )
         except MqttError:
@@ -335,15 +278,16 @@ class ChunkServer:
             region = await self._locate(request)
         except ChunkRequestError as error:
             self.stats.errors += 1
+            self.stats.not_authorized += error.code == NOT_AUTHORIZED
             log.warning(
                 "chunk request refused",
                 extra={"device": device, "code": error.code, "reason": error.message},
             )
             await self._send(
                 reply_to,
-                chunk_error_payload(error),
+                encode_chunk_error(error),
                 message.correlation_data,
-                {"schema": SCHEMA_CHUNK_ERROR, "version": str(SCHEMA_VERSION)},
+                dict(ERROR_PROPERTIES),
                 _expiry_left(message),
             )
             return
@@ -352,25 +296,31 @@ class ChunkServer:
             reply_to,
             region,
             message.correlation_data,
-            _chunk_properties(request),
+            chunk_properties(request.sha256, request.offset),
             _expiry_left(message),
         )
         self._served(region.length)
 
     def _check(self, message: Message, device: str) -> ChunkRequest:
-        """Pure: the request ``message`` carries from ``device``, or ChunkRequestError."""
+        """The request ``message`` carries from ``device``, or ChunkRequestError: malformed,
+        or for a blob no current deployment gives the device (refused before the store
+        is looked at, so the answer does not tell whether the blob exists)."""
         reply_to = artifacts_topic(self.prefix, device)
         if message.response_topic != reply_to:
             raise ChunkRequestError(
-                "bad_request",
+                BAD_REQUEST,
                 f"response topic {message.response_topic!r} is not {reply_to!r}",
             )
-        correlation = message.correlation_data
-        if not correlation or len(correlation) > MAX_CORRELATION_BYTES:
+        check_correlation(message.correlation_data)
+        request = parse_chunk_request(device, message.payload, self.max_chunk_bytes)
+        if not self.grants.allowed(device, request.sha256):
             raise ChunkRequestError(
-                "bad_request", f"correlation data missing or over {MAX_CORRELATION_BYTES} bytes"
+                NOT_AUTHORIZED,
+                f"no current deployment gives {device} artifact {request.sha256}",
+                request.sha256,
+                request.offset,
             )
-        return parse_chunk_request(device, message.payload, self.max_chunk_bytes)
+        return request
 
     @staticmethod
     def _expired(message: Message, wait_s: float = 0.0) -> bool:
@@ -394,13 +344,13 @@ class ChunkServer:
             blob = await self._reader.run(open_blob, self.store, request.sha256)
             if blob is None:
                 raise ChunkRequestError(
-                    "not_found", f"no artifact {request.sha256}", request.sha256, request.offset
+                    NOT_FOUND, f"no artifact {request.sha256}", request.sha256, request.offset
                 )
             self._blobs.put(request.sha256, blob)
         size = blob.size
         if request.offset >= size:
             raise ChunkRequestError(
-                "bad_request",
+                BAD_REQUEST,
                 f"offset {request.offset} is at or past the end of the artifact ({size} bytes)",
                 request.sha256,
                 request.offset,
@@ -432,15 +382,6 @@ class ChunkServer:
 def _region(blob: _OpenBlob, request: ChunkRequest) -> FileRegion:
     """The requested bytes (the last chunk may be shorter); ``request.offset`` is in the blob."""
     return FileRegion(blob, request.offset, min(request.length, blob.size - request.offset))
-
-
-def _chunk_properties(request: ChunkRequest) -> dict[str, str]:
-    return {
-        "schema": SCHEMA_CHUNK,
-        "version": str(SCHEMA_VERSION),
-        "sha256": request.sha256,
-        "offset": str(request.offset),
-    }
 
 
 def _time_left(message: Message) -> float:

@@ -19,6 +19,12 @@ from agent.common.allocator import keep_large_buffers
 from agent.common.background import BackgroundThread
 from agent.controller import rollout as ro
 from agent.controller.config import ControllerConfig
+from agent.controller.envelopes import (
+    PublishedEnvelopes,
+    deploy_trust,
+    desired_subscription,
+    device_of_desired_topic,
+)
 from agent.controller.follower import observations
 from agent.controller.rollout_driver import RolloutBook, RolloutDriver, owner_id
 from agent.controller.server import ChunkServer, stats_event
@@ -40,30 +46,38 @@ class ControllerService:
         self.allocator_tuned = allocator_tuned  # reported in the ``serving`` event
         self.store = ArtifactStore(config.store_dir)
         self.client = MqttClient(config.broker)
+        key = _load_key(config) if config.deploy_key is not None else None
+        # What was published: reports bind to it, blobs are served by it. Filled from
+        # the store in run() and from the retained desired messages as they arrive.
+        self.envelopes = PublishedEnvelopes(
+            deploy_trust(key.public_key()) if key is not None else None, self.store
+        )
         self.server = ChunkServer(
             self.client,
             self.store,
+            grants=self.envelopes,
             prefix=config.prefix,
             share_group=config.share_group,
             max_chunk_bytes=config.max_chunk_bytes,
             max_bytes_per_s=config.max_bytes_per_s,
         )
-        self.status = StatusBook(config.status_file)
+        self.status = StatusBook(config.status_file, envelopes=self.envelopes)
         # The status file is written off the loop (an fsync can take long and the chunk
         # server shares the loop), one write at a time.
         self._status_writer = BackgroundThread("status-write", nice=0)
         self._status_write: asyncio.Future[None] | None = None
         self.rollouts = RolloutBook(config.store_dir)
         self.driver: RolloutDriver | None = None
-        if config.deploy_key is not None:
+        if key is not None:
             self.driver = RolloutDriver(
                 self.store,
                 self.rollouts,
                 self.client,
                 config.prefix,
-                _load_key(config),
+                key,
                 owner_id(f"serve {config.broker.client_id}"),
                 lease_ttl_s=config.rollout.lease_ttl_s,
+                envelopes=self.envelopes,
             )
         self._stop = asyncio.Event()
 
@@ -86,6 +100,10 @@ class ControllerService:
     async def _handle(self, message: Message) -> None:
         if self.server.handles(message.topic):
             await self.server.dispatch(message)
+            return
+        device = device_of_desired_topic(self.config.prefix, message.topic)
+        if device is not None:
+            self.envelopes.observe_desired(device, message.payload)
             return
         parsed = split_report_topic(self.config.prefix, message.topic)
         if parsed is not None:
@@ -166,6 +184,11 @@ class ControllerService:
         try:
             if not await self._connect():
                 return
+            await asyncio.to_thread(self.envelopes.load_store, self.store)
+            # Desired (retained) before chunk requests and reports: the deployments that
+            # grant blobs and bind reports are known before either arrives (the broker
+            # sends a subscription's retained messages before it handles the next one).
+            await self.client.subscribe(desired_subscription(self.config.prefix), qos=1)
             await self.server.start()
             for topic_filter in report_subscriptions(self.config.prefix):
                 await self.client.subscribe(topic_filter, qos=1)
@@ -177,6 +200,7 @@ class ControllerService:
                     "subscription": self.server.subscription,
                     "store": str(self.config.store_dir),
                     "allocator_tuned": self.allocator_tuned,
+                    "deployments_known": len(self.envelopes),
                 },
             )
             consumer = asyncio.create_task(self._consume())

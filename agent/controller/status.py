@@ -6,6 +6,17 @@ each kind per device plus a bounded job history, and writes the whole book to
 a JSON file atomically (at most every ``flush_interval_s``, and serialising
 it at most 10% of the time: a big fleet's file is written less often), which
 ``edge-controller status`` reads. The service writes it off its event loop.
+
+Job reports bind to envelopes (docs/fleet-protocol.md): a ``jobs`` message is
+kept only if its ``envelope_sha256`` is an envelope the controller knows was
+published as the deployment the message names, for that device
+(:class:`~agent.controller.envelopes.PublishedEnvelopes`). Anything else (a
+device rejecting bytes someone else put on its desired topic, a report with no
+digest or another envelope's) is counted and listed as an *unverified message*
+(per device and fleet-wide, in the status file) and never becomes the device's
+job, so it cannot steer a rollout. The job inside a ``reported`` state is
+checked the same way when it carries a digest (devices put only deployments
+they verified there, so one without a digest, from an older agent, is kept).
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from agent.controller.envelopes import PublishedEnvelopes
 from agent.controller.store import StoreError, write_atomically
 from agent.protocol.topics import MAX_JSON_BYTES, REPORT_SCHEMAS, SCHEMA_VERSION
 
@@ -24,6 +36,8 @@ log = logging.getLogger("agent.controller.status")
 
 STATUS_SCHEMA: Final = "edge.controller_status"
 JOB_HISTORY: Final = 50
+UNVERIFIED_KEPT: Final = 100  # fleet-wide; and the last UNVERIFIED_PER_DEVICE per device
+UNVERIFIED_PER_DEVICE: Final = 10
 
 
 class StatusRejected(Exception):
@@ -55,11 +69,19 @@ def validate_report(device: str, kind: str, payload: bytes) -> dict[str, Any] | 
 class StatusBook:
     """Latest messages per device, mirrored into a JSON file."""
 
-    def __init__(self, path: Path | None, flush_interval_s: float = 0.2) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        flush_interval_s: float = 0.2,
+        envelopes: PublishedEnvelopes | None = None,
+    ) -> None:
         self.path = path
         self.flush_interval_s = flush_interval_s
+        self.envelopes = envelopes if envelopes is not None else PublishedEnvelopes()
         self.devices: dict[str, dict[str, Any]] = {}
         self.rejected = 0
+        self.unverified: list[dict[str, Any]] = []  # the latest UNVERIFIED_KEPT, oldest first
+        self.unverified_count = 0
         self._dirty = False
         self._last_flush = 0.0
         self._flush_cost = 0.0  # seconds the last encode took (on the loop)
@@ -75,6 +97,14 @@ class StatusBook:
         received = now if now is not None else time.time()
         entry = self.devices.setdefault(device, {"device": device})
         entry["last_seen"] = received
+        self._dirty = True
+        if message is not None and kind in ("jobs", "reported"):
+            why = self._unbound(device, kind, message)
+            if why:
+                self._record_unverified(device, kind, message, why, received, entry)
+                if kind == "jobs":
+                    return True  # seen, but it is not this device's job
+                message = {**message, "job": None}
         if message is None:
             entry.pop(kind, None)
         else:
@@ -88,8 +118,63 @@ class StatusBook:
                     }
                 )
                 del history[:-JOB_HISTORY]
-        self._dirty = True
         return True
+
+    def _unbound(self, device: str, kind: str, message: Mapping[str, Any]) -> str:
+        """Why a job report is not bound to an envelope published as its deployment ('': it is)."""
+        job: Any = message if kind == "jobs" else message.get("job")
+        if not isinstance(job, dict):
+            return ""
+        digest = job.get("envelope_sha256")
+        if digest is None and kind == "reported":
+            return ""  # an older agent: only verified deployments become its job
+        named = job.get("deployment_id")
+        if self.envelopes.binds(device, named, digest):
+            return ""
+        if not isinstance(digest, str) or not digest:
+            return f"report about deployment {named!r} names no envelope digest"
+        known = self.envelopes.get(digest)
+        if known is None:
+            return (
+                f"envelope {digest[:64]!r} is not one this controller published "
+                f"(report names deployment {named!r})"
+            )
+        if known.deployment_id != named:
+            return f"envelope {digest[:16]} is deployment {known.deployment_id}, not {named!r}"
+        return f"envelope {digest[:16]} (deployment {named}) is not for {device}"
+
+    def _record_unverified(
+        self,
+        device: str,
+        kind: str,
+        message: Mapping[str, Any],
+        why: str,
+        received: float,
+        entry: dict[str, Any],
+    ) -> None:
+        job: Any = message if kind == "jobs" else message.get("job")
+        item = {
+            "device": device,
+            "received_at": received,
+            "topic_kind": kind,
+            "deployment_id": job.get("deployment_id"),
+            "envelope_sha256": job.get("envelope_sha256"),
+            "phase": job.get("phase"),
+            "status": job.get("status"),
+            "reason_code": job.get("reason_code"),
+            "why": why,
+        }
+        self.unverified_count += 1
+        self.unverified.append(item)
+        del self.unverified[:-UNVERIFIED_KEPT]
+        record = entry.setdefault("unverified", {"count": 0, "recent": []})
+        record["count"] += 1
+        record["recent"].append(item)
+        del record["recent"][:-UNVERIFIED_PER_DEVICE]
+        log.warning(
+            f"unverified message received on device {device}",
+            extra={"device": device, "reason": why},
+        )
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -97,6 +182,7 @@ class StatusBook:
             "version": SCHEMA_VERSION,
             "written_at": time.time(),
             "devices": self.devices,
+            "unverified": {"count": self.unverified_count, "recent": self.unverified},
         }
 
     def flush_due(self, force: bool = False) -> bool:
@@ -164,3 +250,21 @@ def summary_line(entry: Mapping[str, Any]) -> str:
         f"{job.get('phase', '-')}/{job.get('status', '-'):<24} "
         f"{seen_text}"
     )
+
+
+def unverified_lines(status: Mapping[str, Any]) -> list[str]:
+    """For ``edge-controller status``: the unverified messages of the status file, if any."""
+    record = status.get("unverified")
+    if not isinstance(record, dict) or not record.get("count"):
+        return []
+    recent = [r for r in record.get("recent", []) if isinstance(r, dict)]
+    lines = [f"{record['count']} unverified messages (reports not bound to a published envelope):"]
+    for item in recent[-5:]:
+        seen = item.get("received_at")
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seen)) if seen else "-"
+        lines.append(
+            f"  unverified message received on device {item.get('device')} at {at}: "
+            f"{item.get('phase')}/{item.get('status')} {item.get('reason_code') or ''} "
+            f"- {item.get('why')}"
+        )
+    return lines
