@@ -16,6 +16,7 @@ from typing import Any
 import jsonschema
 
 from agent.errors import ConfigError
+from agent.protocol.names import RESERVED_DEVICE_PREFIX, is_reserved_device_id
 from agent.protocol.tags import MAX_TAGS, TAG_PATTERN, is_tag
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
@@ -238,10 +239,11 @@ _SCHEMA: dict[str, Any] = {
                 "tls_server_name": {"type": "string"},
                 "username": {"type": "string"},
                 "password": {"type": "string"},
-                "device_id": {"type": "string", "pattern": "^([A-Za-z0-9_.-]{1,64})?$"},
+                # \Z, not $: jsonschema searches, and '$' accepts a trailing newline.
+                "device_id": {"type": "string", "pattern": r"^([A-Za-z0-9_.-]{1,64})?\Z"},
                 "topic_prefix": {
                     "type": "string",
-                    "pattern": "^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$",
+                    "pattern": r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*\Z",
                 },
                 "keepalive_s": {"type": "integer", "minimum": 5, "maximum": 65535},
                 "session_expiry_s": {"type": "integer", "minimum": 0, "maximum": 4294967295},
@@ -551,6 +553,11 @@ def _mqtt_config(mqtt: Mapping[str, Any], source: str) -> MqttConfig:
         )
     if mqtt["password"] and not mqtt["username"]:
         raise ConfigError(f"{source}: key 'mqtt.password' needs 'mqtt.username'")
+    if is_reserved_device_id(mqtt["device_id"]):
+        raise ConfigError(
+            f"{source}: key 'mqtt.device_id': {mqtt['device_id']!r} is reserved: device ids "
+            f"may not start with {RESERVED_DEVICE_PREFIX!r} (the controllers' namespace)"
+        )
     return MqttConfig(**mqtt)
 
 

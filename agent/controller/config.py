@@ -65,7 +65,7 @@ import jsonschema
 
 from agent.errors import ConfigError
 from agent.mqtt.client import MqttSettings
-from agent.protocol.tags import TAG_PATTERN
+from agent.protocol.tags import TAG_BODY
 from agent.protocol.topics import DEFAULT_MAX_CHUNK_BYTES, check_prefix, check_share_group
 
 DEFAULT_CONTROLLER_CONFIG = Path("/etc/edge-agent/controller.toml")
@@ -107,7 +107,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-_GROUP_MEMBER = "^(tag:" + TAG_PATTERN.strip("^$") + "|[A-Za-z0-9_.*?\\[\\]!-]{1,64})$"
+_GROUP_MEMBER = "^(tag:" + TAG_BODY + "|[A-Za-z0-9_.*?\\[\\]!-]{1,64})\\Z"  # \Z: no "\n"
 
 
 def _strings(*names: str) -> dict[str, Any]:
@@ -165,7 +165,7 @@ _SCHEMA: dict[str, Any] = {
         },
         "groups": {
             "type": "object",
-            "propertyNames": {"pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+            "propertyNames": {"pattern": r"^[A-Za-z0-9_.-]{1,64}\Z"},
             "additionalProperties": {
                 "type": "array",
                 # A device id, a shell pattern, or tag:<tag> (devices reporting the tag).

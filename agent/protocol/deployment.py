@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import VerificationError
+from agent.protocol.names import RESERVED_DEVICE_PREFIX, is_reserved_device_id
 from agent.signing.keys import TrustStore
 from agent.signing.oms import check_resource_name, key_id, pae, require_p256_private_key
 
@@ -73,13 +74,23 @@ MAX_PROBATION_S: Final = 7 * 24 * 3600
 
 # The same shapes as docs/fleet-protocol.md and agent.serving.repository (which this pure
 # module must not import: it pulls in agent.wire, which cannot share a process
-# with tritonclient).
-DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-DEPLOYMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-_PATH_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
-_KEY_ID = re.compile(r"^[0-9a-f]{64}$")
+# with tritonclient). Matched with fullmatch and ending in \Z: '$' would also
+# accept a trailing newline ("dev-1\n").
+DEVICE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+DEPLOYMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}\Z")
+_PATH_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*\Z")
+_KEY_ID = re.compile(r"[0-9a-f]{64}\Z")
+
+def is_device_id(value: object) -> bool:
+    """1-64 letters, digits, '_', '.' or '-', not in the controllers' namespace
+    (agent.protocol.names)."""
+    return (
+        isinstance(value, str)
+        and DEVICE_ID.fullmatch(value) is not None
+        and not is_reserved_device_id(value)
+    )
 
 
 # --------------------------------------------------------------------------- errors
@@ -257,7 +268,7 @@ def _keys(obj: Mapping[str, Any], required: set[str], optional: set[str], where:
 
 def _string(obj: Mapping[str, Any], key: str, where: str, pattern: re.Pattern[str]) -> str:
     value = obj[key]
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise MalformedMessageError(f"{where}.{key}: {_short(value)} is not valid")
     return value
 
@@ -389,7 +400,7 @@ def check_file_path(path: Any, where: str) -> str:
     if len(parts) > MAX_PATH_DEPTH:
         raise UnsafePathError(f"{where}: {path!r} is nested more than {MAX_PATH_DEPTH} deep")
     for part in parts:
-        if len(part) > MAX_COMPONENT_LENGTH or not _PATH_COMPONENT.match(part):
+        if len(part) > MAX_COMPONENT_LENGTH or not _PATH_COMPONENT.fullmatch(part):
             raise UnsafePathError(
                 f"{where}: {path!r}: each component must be letters, digits and '_.+=-', "
                 "not start with '.' or '-', and be at most 255 long"
@@ -430,11 +441,12 @@ def _parse_deployment(payload: bytes, kid: str, envelope_sha: str, limit: int) -
     if (
         not isinstance(devices, list)
         or not 1 <= len(devices) <= MAX_DEVICES
-        or not all(isinstance(d, str) and DEVICE_ID.match(d) for d in devices)
+        or not all(is_device_id(d) for d in devices)
         or len(set(devices)) != len(devices)
     ):
         raise MalformedMessageError(
-            f"{where}.devices: expected 1-{MAX_DEVICES} distinct device ids"
+            f"{where}.devices: expected 1-{MAX_DEVICES} distinct device ids (none starting "
+            f"with {RESERVED_DEVICE_PREFIX!r}, reserved for controllers)"
         )
     issued_at = _number(doc, "issued_at", where, 0, 2**40)
     expires_at = _number(doc, "expires_at", where, 0, 2**40)
@@ -608,7 +620,7 @@ def peek_deployment_id(data: bytes) -> str:
         value = payload["deployment_id"]
     except Exception:
         return ""
-    return value if isinstance(value, str) and DEPLOYMENT_ID.match(value) else ""
+    return value if isinstance(value, str) and DEPLOYMENT_ID.fullmatch(value) else ""
 
 
 # --------------------------------------------------------------------------- signing

@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 from typing import Final
 
-TAG_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$"
+# For JSON schemas too (jsonschema searches): \Z, since '$' accepts a trailing newline.
+TAG_BODY: Final = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}"
+TAG_PATTERN: Final = rf"^{TAG_BODY}\Z"
 MAX_TAGS: Final = 16
 _TAG: Final = re.compile(TAG_PATTERN)
 

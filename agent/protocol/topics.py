@@ -11,12 +11,20 @@ import re
 from typing import Any, Final
 
 from agent.protocol.deployment import DEPLOYMENT_SCHEMA as SCHEMA_DEPLOYMENT
-from agent.protocol.deployment import DEVICE_ID, MODEL_NAME, SCHEMA_VERSION, SHA256_HEX
+from agent.protocol.deployment import (
+    DEVICE_ID,
+    MODEL_NAME,
+    SCHEMA_VERSION,
+    SHA256_HEX,
+    is_device_id,
+)
 from agent.protocol.deployment import MAX_MESSAGE_BYTES as MAX_JSON_BYTES
+from agent.protocol.names import RESERVED_DEVICE_PREFIX, is_reserved_device_id
 
 DEFAULT_MAX_CHUNK_BYTES: Final = 1024 * 1024
-_PREFIX = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
-_GROUP = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# \Z with fullmatch: '$' would accept a trailing newline.
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*\Z")
+_GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 
 SCHEMA_CHUNK_REQUEST: Final = "edge.chunk_request"
 SCHEMA_CHUNK: Final = "edge.chunk"
@@ -32,22 +40,18 @@ REPORT_SCHEMAS: Final[dict[str, str]] = {
 }
 
 
-def is_device_id(value: object) -> bool:
-    return isinstance(value, str) and DEVICE_ID.match(value) is not None
-
-
 def is_model_name(value: object) -> bool:
-    return isinstance(value, str) and MODEL_NAME.match(value) is not None and ".." not in value
+    return isinstance(value, str) and MODEL_NAME.fullmatch(value) is not None and ".." not in value
 
 
 def check_prefix(prefix: str) -> str:
-    if not _PREFIX.match(prefix):
+    if not _PREFIX.fullmatch(prefix):
         raise ValueError(f"topic prefix {prefix!r}: letters, digits, '_', '.', '-' and '/' only")
     return prefix
 
 
 def check_share_group(group: str) -> str:
-    if not _GROUP.match(group):
+    if not _GROUP.fullmatch(group):
         raise ValueError(f"share group {group!r}: 1-64 letters, digits, '_', '.' or '-'")
     return group
 
@@ -103,10 +107,13 @@ __all__ = [
     "MAX_JSON_BYTES",
     "MODEL_NAME",
     "REPORT_SCHEMAS",
+    "RESERVED_DEVICE_PREFIX",
     "SCHEMA_CHUNK",
     "SCHEMA_CHUNK_ERROR",
     "SCHEMA_CHUNK_REQUEST",
     "SCHEMA_DEPLOYMENT",
     "SCHEMA_VERSION",
     "SHA256_HEX",
+    "is_device_id",
+    "is_reserved_device_id",
 ]

@@ -19,11 +19,11 @@ from agent.wire import model_config_pb2 as mc
 
 # Names a model may have: no separators, no leading dot, nothing a shell or a
 # path join could misread. Applies to names from disk and from the network.
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")  # \Z: '$' accepts "m\n"
 
 
 def check_model_name(name: str) -> str:
-    if not _NAME.match(name) or ".." in name:
+    if not _NAME.fullmatch(name) or ".." in name:
         raise ModelNotFoundError(f"'{name}' is not a valid model name")
     return name
 
@@ -121,7 +121,7 @@ def scan_repository_entries(root: Path) -> RepositoryScan:
         name = entry.name
         if name.startswith("."):
             continue
-        if not _NAME.match(name) or ".." in name:
+        if not _NAME.fullmatch(name) or ".." in name:
             ignored.append(EntryProblem("", "", shown(name), "is not a valid model name"))
             continue
         if entry.suffix.lower() in _NOT_MODEL_SUFFIXES and _is_plain_file(entry):
