@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -49,15 +50,12 @@ from agent.common.pacing import RateLimiter
 from agent.errors import AgentError
 from agent.fleet.state_store import fsync_dir, write_atomically
 from agent.mqtt.client import Message, MqttClient
-from agent.protocol.deployment import DeploymentFile, DigestMismatchError, load_strict_json
+from agent.protocol import chunks
+from agent.protocol.deployment import DeploymentFile, DigestMismatchError
 
 log = logging.getLogger("agent.fleet.download")
 
-CHUNK_SCHEMA: Final = "edge.chunk"
-CHUNK_ERROR_SCHEMA: Final = "edge.chunk_error"
-CHUNK_REQUEST_SCHEMA: Final = "edge.chunk_request"
 RANGES_SCHEMA: Final = "edge.partial_download"
-MAX_JSON_BYTES: Final = 64 * 1024
 CHECKPOINT_EVERY_S: Final = 0.5
 CHECKPOINT_EVERY_BYTES: Final = 16 * 1024 * 1024
 HASH_BLOCK: Final = 1024 * 1024
@@ -90,6 +88,10 @@ class ChunkInvalidError(DownloadError):
 
 class StorageError(DownloadError):
     code = "storage_failed"
+
+
+class NoSpaceError(StorageError):
+    """The file system of the downloads is full (ENOSPC, EDQUOT)."""
 
 
 # --------------------------------------------------------------------------- byte ranges
@@ -421,11 +423,7 @@ class MqttChunkFetcher:
         # getrandom() call per request; an answer to an earlier fetcher never matches.
         self._correlation_prefix = secrets.token_bytes(8)
         self._requests = itertools.count()
-        # The request's fixed fields, encoded once (its JSON object minus the closing brace).
-        self._request_head = json.dumps(
-            {"schema": CHUNK_REQUEST_SCHEMA, "version": 1, "device": device},
-            separators=(",", ":"),
-        )[:-1]
+        self._encoder = chunks.RequestEncoder(device)
 
     async def wait_online(self) -> None:
         await self.client.connected.wait()
@@ -438,16 +436,13 @@ class MqttChunkFetcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         self._outstanding[correlation] = _Outstanding(future, sha256, offset, length)
-        request = (
-            f'{self._request_head},"sha256":{json.dumps(sha256)},'
-            f'"offset":{int(offset)},"length":{int(length)}}}'
-        )
+        request = self._encoder.encode(sha256, offset, length)
         # A timer rather than asyncio.wait_for: no waiter future and callbacks per chunk.
         timer = loop.call_later(self.timeout_s, _expire, future)
         try:
             await self.client.publish(
                 self.request_topic,
-                request.encode(),
+                request,
                 qos=1,
                 response_topic=self.response_topic,
                 correlation_data=correlation,
@@ -472,35 +467,20 @@ class MqttChunkFetcher:
             return
         props = message.user_properties
         schema = props.get("schema")
-        if schema == CHUNK_SCHEMA:
-            problem = ""
-            if props.get("version") != "1":
-                problem = f"chunk version {props.get('version')!r}"
-            elif props.get("sha256") != entry.sha256 or props.get("offset") != str(entry.offset):
-                problem = (
-                    f"answer for {props.get('sha256', '?')[:12]}@{props.get('offset')} to a "
-                    f"request for {entry.sha256[:12]}@{entry.offset}"
-                )
-            elif len(message.payload) != entry.length:
-                problem = (
-                    f"{len(message.payload)} bytes for a request of {entry.length} "
-                    f"({entry.sha256[:12]}@{entry.offset})"
-                )
+        if schema == chunks.SCHEMA_CHUNK:
+            problem = chunks.chunk_problem(
+                props, entry.sha256, entry.offset, entry.length, len(message.payload)
+            )
             if problem:
                 entry.future.set_exception(ChunkInvalidError(f"chunk refused: {problem}"))
             else:
                 entry.future.set_result(message.payload)
             return
-        if schema == CHUNK_ERROR_SCHEMA and len(message.payload) <= MAX_JSON_BYTES:
-            try:
-                doc = load_strict_json(message.payload, "chunk error")
-                code = str(doc.get("code", "")) if isinstance(doc, dict) else ""
-                text = str(doc.get("message", ""))[:300] if isinstance(doc, dict) else ""
-            except AgentError:
-                code, text = "", "unparsable chunk error"
+        if schema == chunks.SCHEMA_CHUNK_ERROR and len(message.payload) <= chunks.MAX_JSON_BYTES:
+            code, text = chunks.decode_chunk_error(message.payload)
             error: DownloadError = (
                 ArtifactNotFoundError(f"controller: {text or 'artifact not found'}")
-                if code == "not_found"
+                if code == chunks.NOT_FOUND
                 else ChunkInvalidError(f"controller refused the request ({code}): {text}")
             )
             entry.future.set_exception(error)
@@ -640,6 +620,19 @@ class Downloader:
                     await run_in_background(partial.finish, dests, name="fleet-hash")
                 except OSError as exc:
                     raise StorageError(f"cannot store {partial.artifact.path}: {exc}") from exc
+        except StorageError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The partial files are what filled the disk: give the space back, so the
+                # agent can still write its state and report the failure.
+                for partial in partials:
+                    await asyncio.to_thread(partial.discard)
+                free = await asyncio.to_thread(_free_bytes, self.directory)
+                raise NoSpaceError(
+                    f"{exc}: the file system of {self.directory} is full (the download needs "
+                    f"{total} bytes, {free} are free once its partial files are removed)"
+                ) from cause
+            raise
         finally:
             for partial in partials:
                 partial.close()
@@ -721,6 +714,13 @@ class Downloader:
                            "reason": str(exc)},
                 )
                 await asyncio.sleep(min(self.settings.retry_backoff_s * failures, 2.0))
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return -1
 
 
 def _present(paths: Sequence[Path], artifact: DeploymentFile) -> list[bool]:
