@@ -72,6 +72,7 @@ class Reporter:
         message = {
             **self.head(JOB_SCHEMA),
             "deployment_id": job.deployment_id,
+            "envelope_sha256": job.deployment.get("envelope_sha256"),
             "sequence": job.sequence,
             "model": job.model,
             "model_version": job.model_version,
@@ -89,6 +90,8 @@ class Reporter:
         return {
             **self.head(JOB_SCHEMA),
             "deployment_id": peek_deployment_id(payload),
+            # The bytes judged: the controller counts a report only for an envelope it published.
+            "envelope_sha256": hashlib.sha256(payload).hexdigest(),
             "sequence": None,
             "model": None,
             "model_version": None,
@@ -134,6 +137,7 @@ class Reporter:
             "models": models,
             "job": None if job is None else {
                 "deployment_id": job.deployment_id,
+                "envelope_sha256": job.deployment.get("envelope_sha256"),
                 "sequence": job.sequence,
                 "model": job.model,
                 "model_version": job.model_version,
