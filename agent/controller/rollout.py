@@ -45,7 +45,7 @@ Command = Literal["pause", "resume", "abort"]
 FINISHED: Final = frozenset({"aborted", "completed"})
 _ACTIVE_JOB_PHASES: Final = frozenset({"Active"})
 _FAILED_PHASES: Final = frozenset({"Failed", "RolledBack"})
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)(%?)$")
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)(%?)\Z")
 
 
 class RolloutError(AgentError):

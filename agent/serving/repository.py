@@ -19,7 +19,7 @@ from agent.wire import model_config_pb2 as mc
 
 # Names a model may have: no separators, no leading dot, nothing a shell or a
 # path join could misread. Applies to names from disk and from the network.
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")  # \Z: '$' accepts "m\n"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")  # \Z: no trailing newline
 
 
 def check_model_name(name: str) -> str:

@@ -43,7 +43,7 @@ _NUMPY_DTYPES: dict[str, str] = {
     "UINT64": "uint64", "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
     "FP16": "float16", "FP32": "float32", "FP64": "float64", "BYTES": "object",
 }
-_COLUMN = re.compile(r"^(?P<name>.+)\[(?P<index>\d+)\]$")
+_COLUMN = re.compile(r"^(?P<name>.+)\[(?P<index>\d+)\]\Z")
 
 
 @dataclass(frozen=True, slots=True)
