@@ -645,3 +645,51 @@ def test_errors_survive_pickling() -> None:
         assert type(copy) is type(error)
         assert str(copy) == str(error)
         assert copy.code == error.code
+
+
+# --------------------------------------------------------------------------- bounded counts
+
+
+def _with_signatures(bundle: bytes, count: int) -> bytes:
+    doc = json.loads(bundle)
+    doc["dsseEnvelope"]["signatures"] = doc["dsseEnvelope"]["signatures"] * count
+    return json.dumps(doc).encode()
+
+
+def test_at_most_max_signatures_are_accepted() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    bundle = oms.sign_manifest(manifest_of(MODEL), key, model_name="m")
+    accepted = _with_signatures(bundle, oms.MAX_SIGNATURES)
+    assert oms.verify_bundle(accepted, [key.public_key()]).files
+    with pytest.raises(oms.LimitExceededError, match="signatures, more than the 8 accepted"):
+        oms.verify_bundle(_with_signatures(bundle, oms.MAX_SIGNATURES + 1), [key.public_key()])
+
+
+def test_a_flood_of_signatures_is_refused_before_any_is_checked() -> None:
+    """Unsigned, keyless signatures would each be tried against every trusted key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    doc = json.loads(oms.sign_manifest(manifest_of(MODEL), key, model_name="m"))
+    doc["verificationMaterial"]["publicKey"] = {}
+    doc["dsseEnvelope"]["signatures"] = [{"sig": "MEQCIA=="}] * 100_000
+    with pytest.raises(oms.LimitExceededError) as err:
+        oms.verify_bundle(json.dumps(doc).encode(), [key.public_key()])
+    assert err.value.code == "signature_limit_exceeded"
+
+
+def test_resource_and_ignore_path_counts_are_bounded() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    statement = oms.build_statement(manifest_of(MODEL), model_name="m")
+    many = [dict(statement["predicate"]["resources"][0], name=f"f{i}")
+            for i in range(oms.MAX_RESOURCES + 1)]
+    statement["predicate"]["resources"] = many
+    statement["subject"][0]["digest"]["sha256"] = oms.root_digest(r["digest"] for r in many)
+    bundle = oms.sign_payload(oms.encode_statement(statement), key)
+    with pytest.raises(oms.LimitExceededError, match="65536 accepted"):
+        oms.verify_bundle(bundle, [key.public_key()])
+    statement = oms.build_statement(manifest_of(MODEL), model_name="m")
+    statement["predicate"]["serialization"]["ignore_paths"] = [
+        f"i{i}" for i in range(oms.MAX_IGNORE_PATHS + 1)
+    ]
+    bundle = oms.sign_payload(oms.encode_statement(statement), key)
+    with pytest.raises(oms.LimitExceededError, match="ignore_paths"):
+        oms.verify_bundle(bundle, [key.public_key()])

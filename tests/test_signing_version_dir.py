@@ -426,3 +426,14 @@ def test_trust_store_missing_or_empty(tmp_path: Path) -> None:
         keys.TrustStore.from_directory(tmp_path / "nope")
     with pytest.raises(keys.TrustStoreError, match=r"no \*\.pem"):
         keys.TrustStore.from_directory(tmp_path)
+
+
+def test_a_directory_with_more_entries_than_a_version_may_have_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.signing import version_dir as vd
+
+    version = make_version(tmp_path)
+    monkeypatch.setattr(vd, "MAX_ENTRIES", 3)  # the real bound is 65536; few files suffice
+    with pytest.raises(vd.TooManyFilesError, match="more than 3 files and directories"):
+        verify_version(version, TRUST)
