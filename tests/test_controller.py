@@ -144,7 +144,7 @@ def test_publish_stores_content_addressed_blobs_and_manifest(fleet: Fleet) -> No
     manifest = json.loads((fleet.store / "models" / MODEL / "3.json").read_text())
     assert manifest["name"] == MODEL and manifest["model_version"] == 3
     by_path = {f["path"]: f for f in manifest["files"]}
-    assert set(by_path) == {"model.onnx", "model.sig", "validation/vectors.json"}
+    assert set(by_path) == {"identity.json", "model.onnx", "model.sig", "validation/vectors.json"}
     for rel, entry in by_path.items():
         data = (fleet.version_dir / rel).read_bytes()
         assert entry == {"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
@@ -924,12 +924,12 @@ def test_publish_shows_a_progress_bar_only_on_a_terminal(tmp_path: Path) -> None
     piped = run_controller(publish_args(4))
     assert piped.returncode == 0, piped.stderr
     assert piped.stderr == ""
-    assert piped.stdout.startswith(f"published {MODEL} version 4: 3 files + config.pbtxt, ")
+    assert piped.stdout.startswith(f"published {MODEL} version 4: 4 files + config.pbtxt, ")
     assert piped.stdout.count("\n") == 1 and "[" not in piped.stdout
 
     code, stdout, terminal = _publish_under_pty(publish_args(5))
     assert code == 0, terminal
-    assert stdout.startswith(f"published {MODEL} version 5: 3 files + config.pbtxt, ")
+    assert stdout.startswith(f"published {MODEL} version 5: 4 files + config.pbtxt, ")
     assert stdout.count("\n") == 1 and "\r" not in stdout  # the bar never goes to stdout
     full = "[" + "#" * 24 + "]"
     lines = [ln.split("\r")[-1] for ln in terminal.replace("\r\n", "\n").split("\n") if ln]
