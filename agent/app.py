@@ -75,7 +75,7 @@ def make_reader(config: AgentConfig) -> ModelReader:
             extra={"key": "signing.allow_unsigned_models"},
         )
         return unsigned_reader
-    from agent.signing.loader import signed_reader
+    from agent.serving.signed_reader import signed_reader
 
     return signed_reader(Path(config.signing.trust_dir))
 
@@ -259,9 +259,9 @@ class Agent:
         store = StateStore(Path(cfg.state.dir))
         if not cfg.mqtt.enabled and not store.path.exists():
             return {}
+        from agent.adapters.fleet import OnnxVersionValidator, session_options
         from agent.fleet.settings import UpdaterSettings
         from agent.fleet.updater import Updater
-        from agent.fleet_adapters import OnnxVersionValidator, session_options
 
         validator = OnnxVersionValidator(session_options(cfg), self.models.free)
         self.updater = Updater(UpdaterSettings.from_config(cfg), self.models, validator, store)
@@ -269,8 +269,8 @@ class Agent:
 
     async def _start_fleet(self) -> None:
         """Connect to the broker in the background; a broker that is away is retried."""
-        from agent.fleet.downloader import MqttChunkFetcher
-        from agent.fleet_adapters import mqtt_settings, mqtt_will
+        from agent.adapters.chunk_fetcher import MqttChunkFetcher
+        from agent.adapters.fleet import mqtt_settings, mqtt_will
         from agent.mqtt.client import MqttClient
 
         assert self.updater is not None  # MQTT on: start() created it

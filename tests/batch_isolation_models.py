@@ -33,7 +33,7 @@ def embed_model() -> bytes:
 
 
 def embed_expected(idx: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    return EMBED_TABLE[idx]
+    return np.asarray(EMBED_TABLE[idx])
 
 
 def sized_model() -> bytes:

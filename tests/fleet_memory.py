@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from agent.adapters.chunk_fetcher import MqttChunkFetcher
 from agent.common.buffers import FileBytes, as_bytes
 from agent.errors import AgentError
-from agent.fleet.downloader import DownloadSettings, MqttChunkFetcher
+from agent.fleet.downloader import DownloadSettings
 from agent.fleet.ports import Validated
 from agent.fleet.settings import UpdaterSettings
 from agent.fleet.state_store import StateStore

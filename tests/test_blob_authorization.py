@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.adapters.chunk_fetcher import MqttChunkFetcher
 from agent.fleet.downloader import (
     ChunkInvalidError,
     Downloader,
     DownloadSettings,
-    MqttChunkFetcher,
 )
 from agent.mqtt.client import MqttClient
 from agent.protocol.chunks import NOT_AUTHORIZED

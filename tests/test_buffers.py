@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from agent.common.buffers import MAPPED_FROM_BYTES, as_bytes, read_whole, release
-from agent.fleet.validation import validate_model
 from agent.serving.onnx_runtime import OnnxSession, SessionOptions
+from agent.serving.validation import validate_model
 from agent.signing.keys import TrustStore
 from agent.signing.version_dir import verify_version
 from tests.fleet_device import make_signed_version, make_signing_keys

@@ -11,8 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from agent.fleet.validation import ValidationFailedError, validate_model
 from agent.serving.onnx_runtime import SessionOptions
+from agent.serving.validation import ValidationFailedError, validate_model
 from tests.fleet_harness import scale_model
 
 OPTIONS = SessionOptions()

@@ -63,7 +63,7 @@ class Transport(Protocol[M_co]):
 
 class ArtifactFetcher(ChunkFetcher, Protocol[M_contra]):
     """A ``ChunkFetcher`` whose answers arrive on the device's artifacts topic
-    (``agent.fleet.downloader.MqttChunkFetcher``): the updater hands them over."""
+    (``agent.adapters.chunk_fetcher.MqttChunkFetcher``): the updater hands them over."""
 
     def handle(self, message: M_contra) -> None: ...
 
@@ -132,7 +132,7 @@ class Validated:
 
 class VersionValidator(Protocol):
     """Checks a staged version in a fresh session
-    (``agent.fleet_adapters.OnnxVersionValidator``)."""
+    (``agent.adapters.fleet.OnnxVersionValidator``)."""
 
     @property
     def extra_files(self) -> tuple[str, ...]:

@@ -203,7 +203,8 @@ def agent_downloader_available() -> bool:
 async def download_with_agent(
     broker: MosquittoBroker, sha: str, size: int, chunk: int, window: int, work: Path
 ) -> tuple[float, int]:
-    from agent.fleet.downloader import Downloader, DownloadSettings, MqttChunkFetcher
+    from agent.adapters.chunk_fetcher import MqttChunkFetcher
+    from agent.fleet.downloader import Downloader, DownloadSettings
     from agent.protocol.deployment import DeploymentFile
 
     client = MqttClient(device_settings(broker, DEVICE, clean_start=True))

@@ -48,11 +48,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
+from agent.adapters.chunk_fetcher import MqttChunkFetcher
 from agent.fleet.downloader import (
     Downloader,
     DownloadError,
     DownloadSettings,
-    MqttChunkFetcher,
 )
 from agent.fleet.lifecycle import IDLE, Event, IllegalTransitionError, JobState, apply, rejected
 from agent.mqtt.client import MqttClient, MqttSettings, Will

@@ -16,11 +16,11 @@ from agent.common.buffers import FileBytes
 from agent.config import AgentConfig
 from agent.errors import AgentError
 from agent.fleet.ports import LastWill, Validated
-from agent.fleet.validation import SPEC_FILE, VECTORS_FILE, validate_model
 from agent.mqtt.client import MqttSettings, Will
 from agent.protocol.deployment import CONFIG_PATH
 from agent.serving.model_config import complete_config, parse_config_pbtxt
 from agent.serving.onnx_runtime import OnnxSession, SessionOptions
+from agent.serving.validation import SPEC_FILE, VECTORS_FILE, validate_model
 from agent.wire import model_config_pb2 as mc
 
 
