@@ -2,8 +2,8 @@
 runs it (its own agent, broker and controller, all stopped by it) and the test asserts
 its printed verdict. The long variants are the same programs with bigger arguments.
 
-The slower ones are marked ``slow`` (run with ``-m slow``, or everything with
-``-m "slow or not slow"``).
+The slower ones (the one-minute soak, the 20-second outage) are marked ``slow``:
+``-m "not slow"`` leaves them out. All of them together take about 2.5 minutes.
 """
 
 from __future__ import annotations
@@ -49,4 +49,23 @@ def test_disk_full_during_a_download_fails_the_job_naming_the_space_old_version_
                    "logged as 'fleet message handling failed', nothing reported upstream "
                    "(agent/fleet updater, not fixed here)")
 def test_disk_full_on_a_state_write_fails_the_job_naming_the_space() -> None:
-    run_bench(BENCH / "disk_full.py", "--case", "state write", timeout=120)
+    run_bench(BENCH / "disk_full.py", "--case", "state write", "--report-timeout", "8",
+              timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_soak_one_minute_of_load_and_hot_swaps_no_error_rss_flat() -> None:
+    out = run_bench(BENCH / "soak.py", "--minutes", "1", "--swap-s", "10", timeout=180)
+    assert "verdict: PASS" in out, out
+    assert re.search(r"requests \d+, errors 0, swaps [1-9]", out), out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_broker_outage_loses_no_telemetry_and_the_update_completes_after_reconnect() -> None:
+    out = run_bench(BENCH / "outage.py", "--minutes", "0.35", timeout=180)
+    assert "verdict: PASS" in out, out
+    lost = re.search(r"^lost +(\d+)$", out, re.M)
+    assert lost and lost.group(1) == "0", out
+    assert "Active/SUCCEEDED" in out, out

@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--case", choices=["download", "state write"], action="append")
     parser.add_argument("--verbose", action="store_true", help="print jobs and agent logs")
+    parser.add_argument("--report-timeout", type=float, default=30.0,
+                        help="how long to wait for the job's final report")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("disk_full needs root (mount -t tmpfs)")
@@ -217,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         for number, case in enumerate(args.case or ["download", "state write"]):
             with tempfile.TemporaryDirectory(prefix="disk-full-") as tmp:
                 results.append(run_case(case, Path(tmp), args.size_mb,
-                                        10 * round_no + number + 1, args.verbose))
+                                        10 * round_no + number + 1, args.verbose,
+                                        args.report_timeout))
     print(f"disk_full: state directory on tmpfs size={args.size_mb}m; model repository on disk")
     print(f"{'case':<12} {'job':<10} {'served (k: answers)':<22} {'errors':>6}  after restart")
     for r in results:
