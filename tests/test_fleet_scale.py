@@ -1,5 +1,5 @@
 """A fleet of 100 simulated devices (tests/bench/fleet_sim.py: the agent's real
-deployment verification, downloader and chunk protocol, no onnxruntime) against
+updater, MQTT client, chunk fetcher and state store; no onnxruntime) against
 one real mosquitto and two ``edge-controller serve`` processes sharing a store.
 
 Staged rollouts run with the real ``edge-controller deploy --group``: a good
@@ -36,6 +36,9 @@ pytestmark = pytest.mark.timeout(240)
 DEVICES = 100
 MODEL = "m"
 MODEL_BYTES = 1024 * 1024 + 777
+# The devices run the agent's updater, which keeps a version on probation as long
+# as the deployment says (the controller's default is 60 s): none here.
+PROBATION = ("--probation", "0")
 
 
 @dataclass
@@ -59,7 +62,6 @@ class ScaleFleet:
             "initial_version": 1,
             "model": MODEL,
             "health_interval_s": 0.3,
-            "max_probation_s": 0.2,
         }
         return SimOptions(**(values | overrides))
 
@@ -128,6 +130,7 @@ def _deploy(fleet: ScaleFleet, version: int, *extra: str, timeout: float = 150) 
             str(fleet.config),
             "--interval",
             "0.2",
+            *PROBATION,
             *extra,
         ],
         timeout=timeout,
@@ -154,7 +157,7 @@ def _records(store: Path, version: int) -> list[dict[str, Any]]:
 def test_staged_rollouts_across_100_devices_and_two_controllers(scale_fleet: ScaleFleet) -> None:
     fleet = scale_fleet
     names = device_names(DEVICES)
-    options = fleet.sim_options(bad_versions=frozenset({3}), max_probation_s=0.3)
+    options = fleet.sim_options(bad_versions=frozenset({3}))
     second = fleet.another_controller("controller-2")
     with SimFleet(names, 2, options) as sim:
         sim.wait_ready(60)
@@ -247,7 +250,8 @@ def test_serve_drives_a_detached_rollout_through_pause_and_resume(
     with SimFleet(names, 1, options) as sim, ControllerProcess(fleet.config) as controller:
         sim.wait_ready(60)
         controller.wait_serving()
-        created = _deploy(fleet, 2, "--first", "5", "--soak", "2", "--detach")
+        # A soak long enough that the pause lands inside it on a busy machine too.
+        created = _deploy(fleet, 2, "--first", "5", "--soak", "4", "--detach")
         assert created.returncode == 0, created.stderr
         rollout_id = created.stdout.split()[1].rstrip(":")
 
@@ -263,7 +267,7 @@ def test_serve_drives_a_detached_rollout_through_pause_and_resume(
         assert state()["waves"][0]["status"] == "soaking", controller.log_text()
         paused = _rollout(fleet, "pause", rollout_id)
         assert paused.returncode == 0 and "paused" in paused.stdout, paused.stderr
-        time.sleep(3.0)  # longer than the soak: a running rollout would deploy wave 2 now
+        time.sleep(5.0)  # longer than the soak: a running rollout would deploy wave 2 now
         assert state()["waves"][1]["status"] == "pending"
         assert set(_per_device_deployments(sim, 2)) == set(names[:5])
         assert _rollout(fleet, "pause", rollout_id).returncode == 1  # already paused
@@ -516,7 +520,7 @@ def test_groups_from_reported_tags(scale_fleet: ScaleFleet) -> None:
         rollout = run_controller(
             [
                 *("deploy", MODEL, "2", "--group", "line3", "--first", "2", "--soak", "0.5"),
-                *("--config", str(fleet.config), "--interval", "0.2"),
+                *("--config", str(fleet.config), "--interval", "0.2", *PROBATION),
             ],
             timeout=150,
         )
@@ -530,7 +534,7 @@ def test_groups_from_reported_tags(scale_fleet: ScaleFleet) -> None:
 
         by_tag = run_controller(
             [
-                *("deploy", MODEL, "3", "--group", "tag:line-4", "--detach"),
+                *("deploy", MODEL, "3", "--group", "tag:line-4", "--detach", *PROBATION),
                 *("--config", str(fleet.config)),
             ]
         )

@@ -4,7 +4,8 @@ For each fleet size (default 100, 300, 1000): one local mosquitto (plain TCP on
 127.0.0.1, its fd limit raised with ``resource.setrlimit`` before it starts),
 two ``edge-controller serve`` processes sharing one store (chunk requests via
 the shared subscription), N devices from tests/bench/fleet_sim.py (the agent's
-real deployment verification, downloader and chunk protocol) spread over
+real updater on its real MQTT client, chunk fetcher and state store, no
+onnxruntime) spread over
 ``--sim-processes`` processes, and one ``edge-controller deploy --group all``
 (first wave 10%, then waves of ``--wave-size`` 20%, soak 1 s). Prints, per size:
 
@@ -17,6 +18,11 @@ real deployment verification, downloader and chunk protocol) spread over
 * shed: chunk requests the controllers left unanswered because the device had
   already given up on them (overload; 0 on a machine that keeps up);
 * growth: each metric relative to the smallest fleet.
+
+Then, per size, what the simulated devices cost (how many one simulator process
+can carry): seconds until every device was connected and subscribed, peak RSS
+of the simulator processes per device, and their CPU time per device while
+connecting and during the rollout.
 
     .venv/bin/python tests/bench/bench_fleet_scale.py [--sizes 100,300,1000] [--size-mb 5]
 """
@@ -47,6 +53,15 @@ from tests.controller_process import (
 )
 from tests.fleet_device import make_signed_version, make_signing_keys
 from tests.mqtt_broker import MosquittoBroker
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss(pid: int) -> int:
@@ -150,7 +165,6 @@ def run_size(count: int, args: argparse.Namespace, root: Path) -> dict[str, Any]
         initial_version=1,
         model="m",
         health_interval_s=5.0,
-        max_probation_s=0.2,
         chunk_bytes=args.chunk_bytes,
         window=args.window,
         chunk_timeout_s=args.chunk_timeout,
@@ -158,8 +172,12 @@ def run_size(count: int, args: argparse.Namespace, root: Path) -> dict[str, Any]
     broker.start()
     controllers: list[ControllerProcess] = []
     sim = SimFleet(device_names(count), args.sim_processes, options)
+    sim_watcher = RssWatcher(sim.pids)
+    connect_started = time.monotonic()
     try:
         sim.wait_ready(300)
+        ready_s = time.monotonic() - connect_started
+        sim_cpu_ready = sum(_cpu_s(pid) for pid in sim.pids)
         controllers = [ControllerProcess(c).wait_serving() for c in configs]
         watcher = RssWatcher([c.pid for c in controllers])
         before = asyncio.run(_broker_counters(broker))
@@ -183,12 +201,16 @@ def run_size(count: int, args: argparse.Namespace, root: Path) -> dict[str, Any]
                 str(configs[0]),
                 "--interval",
                 "0.25",
+                "--probation",
+                str(args.probation),
             ],
             timeout=3600,
         )
         elapsed = time.monotonic() - started
         after = asyncio.run(_broker_counters(broker))
         peaks = watcher.stop()
+        sim_cpu = sum(_cpu_s(pid) for pid in sim.pids)
+        sim_peaks = sim_watcher.stop()
         outcome = "completed" if result.returncode == 0 else "HALTED"
         if result.returncode != 0:  # still a row: how far it got, and why it stopped
             print(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "?")
@@ -213,6 +235,10 @@ def run_size(count: int, args: argparse.Namespace, root: Path) -> dict[str, Any]
         "peak_rss_mb": max(peaks.values()) / 2**20,
         "broker_msgs_per_s": messages / elapsed,
         "shed": shed,
+        "sim_ready_s": ready_s,
+        "sim_rss_kb_per_device": sum(sim_peaks.values()) / 1024 / count,
+        "sim_cpu_ms_per_device_ready": sim_cpu_ready * 1000 / count,
+        "sim_cpu_ms_per_device_rollout": (sim_cpu - sim_cpu_ready) * 1000 / count,
     }
 
 
@@ -226,6 +252,9 @@ def main() -> int:
     parser.add_argument("--wave-size", default="20%", help="later waves (deploy --wave-size)")
     parser.add_argument(
         "--chunk-timeout", type=float, default=30.0, help="device chunk timeout (agent: 10)"
+    )
+    parser.add_argument(
+        "--probation", type=int, default=0, help="the deployments' probation window, seconds"
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -258,6 +287,18 @@ def main() -> int:
             f"{row['broker_msgs_per_s']:>13.0f} {row['shed']:>6}  "
             f"x{row['rollout_s'] / base['rollout_s']:.2f}, "
             f"x{row['peak_rss_mb'] / base['peak_rss_mb']:.2f}"
+        )
+    # The simulator's cost per device decides how many devices one process can carry.
+    print(
+        f"{'devices':>8} {'sim ready s':>12} {'sim RSS KB/device':>18} "
+        f"{'sim CPU ms/device (connect)':>28} {'(rollout)':>10}"
+    )
+    for row in rows:
+        print(
+            f"{row['devices']:>8} {row['sim_ready_s']:>12.1f} "
+            f"{row['sim_rss_kb_per_device']:>18.0f} "
+            f"{row['sim_cpu_ms_per_device_ready']:>28.1f} "
+            f"{row['sim_cpu_ms_per_device_rollout']:>10.1f}"
         )
     return 0
 

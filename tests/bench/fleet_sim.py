@@ -1,18 +1,21 @@
-"""A fleet of simulated devices: the agent's real update client code without onnxruntime.
+"""A fleet of simulated devices: the agent's real updater, without onnxruntime.
 
-Each simulated device is one MQTT v5 connection (``agent.mqtt.client``) with the
-agent's last will and retained ``reported`` state, and runs deployments the way
-the agent does up to the model runtime: ``agent.protocol.deployment.verify_deployment``
-(signature, device, freshness, anti-replay, anti-rollback),
-``agent.fleet.downloader.Downloader`` over ``MqttChunkFetcher`` (windowed,
-resumable, SHA-256 checked chunks from the controllers' shared subscription),
-``agent.signing.version_dir.verify_version`` plus ``check_signed_manifest`` (the
-OpenSSF model signature and mix-and-match check), and the life cycle of
-``agent.fleet.lifecycle`` reported on ``jobs`` at every step. Activation is
-simulated (no onnxruntime): the version becomes active, a short probation runs,
-the job ends ``Active``/``SUCCEEDED``. Health messages report an error rate per
-active version (``--bad-version V`` makes version V fail 50% of its requests;
-``--fail-version V`` makes its validation fail).
+Each simulated device runs ``agent.fleet.updater.Updater`` on the same ports as
+the agent (``agent.app``): its own MQTT v5 connection (``agent.mqtt.client``,
+with the updater's last will), the real chunk fetcher (``MqttChunkFetcher``)
+and downloader, and the real ``StateStore`` in a state directory of its own
+(``<state-dir>/<device>/state``, repository beside it). So deployment
+verification, downloads, the model signature and mix-and-match checks,
+installation, persistence and every job report (``envelope_sha256`` included)
+are the agent's own code. Only the serving side is light: ``LightHost``
+records which version serves (activations and roll backs) and
+``LightValidator`` accepts without running the model (the signature check has
+verified the bytes already); ``--fail-version V`` makes it refuse version V.
+Health messages report an error rate per active version (``--bad-version V``:
+version V fails 50% of its requests); they are the simulator's own, the
+updater does not send health.
+
+The probation window is the deployment's (``edge-controller deploy --probation``).
 
 Many devices run in one process (one asyncio loop, one paho thread each);
 ``SimFleet`` spreads a device list over a few processes and stops them by PID.
@@ -21,8 +24,9 @@ Many devices run in one process (one asyncio loop, one paho thread each);
         --state-dir /tmp/sim --deploy-trust KEY.pem --model-trust DIR
 
 Prints JSON lines on stdout: ``{"event": "ready", ...}`` once every device is
-connected and subscribed, then one ``{"event": "job", ...}`` per job step.
-``--tag DEVICE=TAG`` (repeatable) makes DEVICE report TAG in its ``tags``.
+connected, then one ``{"event": "job", ...}`` per job report the updater
+publishes. ``--tag DEVICE=TAG`` (repeatable) makes DEVICE report TAG in its
+``tags``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import resource
@@ -41,31 +44,22 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
 from agent.adapters.chunk_fetcher import MqttChunkFetcher
-from agent.fleet.downloader import (
-    Downloader,
-    DownloadError,
-    DownloadSettings,
-)
-from agent.fleet.lifecycle import IDLE, Event, IllegalTransitionError, JobState, apply, rejected
-from agent.mqtt.client import MqttClient, MqttSettings, Will
-from agent.protocol.deployment import (
-    Deployment,
-    DeploymentRejectedError,
-    DeviceContext,
-    check_signed_manifest,
-    peek_deployment_id,
-    verify_deployment,
-)
-from agent.signing.keys import TrustStore
-from agent.signing.version_dir import verify_version
+from agent.common.buffers import FileBytes
+from agent.config import build_config
+from agent.errors import AgentError
+from agent.fleet.ports import Validated
+from agent.fleet.settings import UpdaterSettings
+from agent.fleet.state_store import StateStore
+from agent.fleet.updater import Updater
+from agent.mqtt.client import FileRegion, Message, MqttClient, MqttSettings, Will
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,47 +70,199 @@ class SimOptions:
     port: int
     prefix: str
     state_dir: Path
-    deploy_trust: Path
-    model_trust: Path
+    deploy_trust: Path  # the deployment signer's public key (PEM)
+    model_trust: Path  # directory of model signers' public keys
     initial_version: int = 1
     model: str = "m"
     bad_versions: frozenset[int] = frozenset()
     fail_versions: frozenset[int] = frozenset()
     health_interval_s: float = 1.0
-    max_probation_s: float = 0.5
     chunk_bytes: int = 256 * 1024
     window: int = 4
     chunk_timeout_s: float = 10.0
-    keep_files: bool = False
     # Device -> the tags it reports (the agent's fleet.tags); sent as given, so a
     # test can also make a device report tags the controller must ignore.
     tags: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
+# --------------------------------------------------------------------------- light serving side
+
+
+@dataclass
+class _Success:
+    count: int = 0
+
+
+@dataclass
+class _Stats:
+    faults: int = 0
+    success: _Success = field(default_factory=_Success)
+
+
+@dataclass
+class _Served:
+    stats: _Stats = field(default_factory=_Stats)
+
+
+class LightHost:
+    """The updater's ``ModelHost`` without onnxruntime: which version serves, no
+    requests (probation sees no faults), and every activation it was asked for."""
+
+    def __init__(self, model: str, initial_version: int) -> None:
+        # The version the device shipped with: serving, though not in its repository.
+        self.serving: dict[str, dict[str, _Served]] = {model: {str(initial_version): _Served()}}
+        self.activations: list[tuple[str, int | None]] = []  # roll backs included
+
+    def versions(self, name: str) -> list[str]:
+        return sorted(self.serving.get(name, {}), key=int)
+
+    def states(self) -> dict[str, object]:
+        return dict(self.serving)
+
+    def serving_versions(self, name: str) -> dict[str, _Served]:
+        return self.serving.get(name, {})
+
+    def active(self, name: str) -> int | None:
+        versions = self.versions(name)
+        return int(versions[-1]) if versions else None
+
+    async def activate(self, name: str, version: int | None, prepared: Any = None) -> object:
+        self.activations.append((name, version))
+        del self.activations[:-16]
+        if version is None:
+            self.serving.pop(name, None)
+            return None
+        served = _Served()
+        self.serving[name] = {str(version): served}
+        return served
+
+    def free(self, session: Any) -> None:
+        pass  # LightValidator prepares nothing
+
+
+class LightValidator:
+    """The updater's ``VersionValidator`` without a model run: the updater verified
+    the signature and digests before it asks, so this accepts, unless ``refuse()``."""
+
+    def __init__(self, refuse: Callable[[], bool]) -> None:
+        self._refuse = refuse
+
+    @property
+    def extra_files(self) -> tuple[str, ...]:
+        return ()  # nothing more to read from disk
+
+    def model_file(self, model_name: str, config_text: str | None) -> str:
+        return "model.onnx"
+
+    async def validate(
+        self, model_name: str, config_text: str | None, model: FileBytes,
+        contents: Mapping[str, FileBytes],
+    ) -> Validated:
+        if self._refuse():
+            raise AgentError("simulated validation failure")
+        return Validated(prepared=None, mode="simulated")
+
+
+# --------------------------------------------------------------------------- one device
+
+
+class SimClient(MqttClient):
+    """The agent's MQTT client, also telling the simulator what the updater reports."""
+
+    def __init__(
+        self, settings: MqttSettings, will: Will, jobs_topic: str, request_topic: str,
+        on_job: Callable[[bytes], None],
+    ) -> None:
+        super().__init__(settings, will)
+        self._jobs_topic = jobs_topic
+        self._request_topic = request_topic
+        self._on_job = on_job
+        self.chunk_requests = 0
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | FileRegion,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        user_properties: dict[str, str] | None = None,
+        wait_ack: bool = True,
+        expiry_s: int | None = None,
+    ) -> None:
+        if topic == self._request_topic:
+            self.chunk_requests += 1
+        elif topic == self._jobs_topic and isinstance(payload, bytes):
+            self._on_job(payload)
+        await super().publish(topic, payload, qos, retain, response_topic, correlation_data,
+                              user_properties, wait_ack, expiry_s)
+
+
+def base_settings(options: SimOptions, deployment_trust_dir: Path) -> UpdaterSettings:
+    """The agent's default updater settings, with the simulator's chunk knobs."""
+    config = build_config({
+        "mqtt": {"topic_prefix": options.prefix},
+        "signing": {"trust_dir": str(options.model_trust)},
+        "fleet": {
+            "deployment_trust_dir": str(deployment_trust_dir),
+            "chunk_bytes": options.chunk_bytes,
+            "window": options.window,
+            "chunk_timeout_s": options.chunk_timeout_s,
+        },
+    })
+    return UpdaterSettings.from_config(config)
+
+
 class SimDevice:
-    def __init__(self, device: str, options: SimOptions, emit: Any) -> None:
+    def __init__(
+        self, device: str, options: SimOptions, base: UpdaterSettings,
+        emit: Callable[[dict[str, Any]], None],
+    ) -> None:
         self.device = device
         self.options = options
         self.emit = emit
-        p = options.prefix
-        self.desired_topic = f"{p}/devices/{device}/desired"
-        self.artifacts_topic = f"{p}/devices/{device}/artifacts"
-        self.reported_topic = f"{p}/devices/{device}/reported"
-        self.jobs_topic = f"{p}/devices/{device}/jobs"
-        self.health_topic = f"{p}/devices/{device}/health"
-        self.state_dir = options.state_dir / device
-        self.since = time.time()
-        self.active = options.initial_version
-        self.last_known_good = options.initial_version
-        self.highest_activated = options.initial_version
-        self.highest_sequence = 0
-        self.job: dict[str, Any] | None = None
-        self.seen_envelopes: set[str] = set()
+        root = options.state_dir / device
+        self.settings = replace(
+            base, device_id=device, state_dir=root / "state", repository=root / "repo",
+            tags=tuple(options.tags.get(device, ())),  # as given: not checked like config
+        )
+        self.health_topic = f"{options.prefix}/devices/{device}/health"
+        self.host = LightHost(options.model, options.initial_version)
+        self.updater: Updater[Message] = Updater(
+            self.settings, self.host, LightValidator(self._refuse),
+            StateStore(self.settings.state_dir),
+        )
+        self.client: SimClient | None = None
+        self.tasks: list[asyncio.Task[None]] = []
         self.seq = 0
-        settings = MqttSettings(
-            host=options.host,
-            port=options.port,
-            client_id=device,
+
+    def _refuse(self) -> bool:
+        job = self.updater.state.job
+        return job is not None and job.model_version in self.options.fail_versions
+
+    def _on_job(self, payload: bytes) -> None:
+        report = json.loads(payload)
+        self.emit({
+            "event": "job",
+            "device": self.device,
+            "deployment_id": report.get("deployment_id"),
+            "version": report.get("model_version"),
+            "phase": report.get("phase"),
+            "status": report.get("status"),
+            "reason": report.get("reason_code") or "",
+            "t": time.time(),
+        })
+
+    async def start(self) -> None:
+        self.settings.repository.mkdir(parents=True, exist_ok=True)
+        self.updater.prepare()
+        will = self.updater.will()
+        o = self.options
+        mqtt = MqttSettings(
+            host=o.host,
+            port=o.port,
+            client_id=self.device,
             keepalive_s=30,
             session_expiry_s=3600,
             clean_start=False,
@@ -124,130 +270,28 @@ class SimDevice:
             reconnect_max_s=5.0,
             max_inflight=64,
         )
-        self.client = MqttClient(settings, will=Will(self.reported_topic, self._reported(False)))
-        self.fetcher = MqttChunkFetcher(
-            self.client, options.prefix, device, options.chunk_timeout_s
+        client = self.client = SimClient(
+            mqtt, Will(will.topic, will.payload, retain=will.retain),
+            self.updater.topics.jobs, f"{o.prefix}/artifacts/request/{self.device}", self._on_job,
         )
-        self.client.on_connected(self._on_connected)
-        self.deploy_trust = TrustStore.from_public_key_files([options.deploy_trust])
-        self.model_trust = TrustStore.from_directory(options.model_trust)
-        self.desired: asyncio.Queue[bytes] = asyncio.Queue()
-        self.tasks: list[asyncio.Task[None]] = []
-        self.chunk_requests = 0
-
-    # -- messages -----------------------------------------------------------
-
-    def _reported(self, online: bool) -> bytes:
-        job = None
-        if self.job is not None:
-            job = {
-                k: self.job[k]
-                for k in (
-                    "deployment_id",
-                    "sequence",
-                    "model",
-                    "model_version",
-                    "phase",
-                    "status",
-                    "reason_code",
-                )
-            }
-        return json.dumps(
-            {
-                "schema": "edge.reported_state",
-                "version": 1,
-                "device": self.device,
-                "online": online,
-                "since": self.since,
-                "ts": round(time.time(), 3),
-                "agent_version": "sim",
-                "models": {
-                    self.options.model: {
-                        "active_version": self.active,
-                        "serving_versions": [self.active],
-                        "last_known_good": self.last_known_good,
-                        "highest_activated": self.highest_activated,
-                    }
-                },
-                "job": job,
-                "highest_sequence": self.highest_sequence,
-                "tags": list(self.options.tags.get(self.device, ())),
-            },
-            separators=(",", ":"),
-        ).encode()
-
-    async def _on_connected(self) -> None:
-        await self.client.publish(
-            self.reported_topic, self._reported(True), retain=True, wait_ack=False
-        )
-        if self.job is not None:
-            await self._publish_job()
-
-    async def _publish_job(self) -> None:
-        assert self.job is not None
-        message = {
-            "schema": "edge.job_progress",
-            "version": 1,
-            "device": self.device,
-            **self.job,
-            "ts": round(time.time(), 3),
-            "message_id": str(uuid.uuid4()),
-        }
-        await self.client.publish(self.jobs_topic, json.dumps(message).encode(), wait_ack=False)
-
-    async def _step(self, state: JobState, reason: str = "", message: str = "") -> None:
-        assert self.job is not None
-        self.job.update(
-            phase=str(state.phase), status=str(state.status), reason_code=reason, message=message
-        )
-        await self._publish_job()
-        await self.client.publish(
-            self.reported_topic, self._reported(True), retain=True, wait_ack=False
-        )
-        self.emit(
-            {
-                "event": "job",
-                "device": self.device,
-                "deployment_id": self.job["deployment_id"],
-                "version": self.job["model_version"],
-                "phase": self.job["phase"],
-                "status": self.job["status"],
-                "reason": reason,
-                "t": time.time(),
-            }
-        )
-
-    # -- life -----------------------------------------------------------------
-
-    async def start(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        await self.client.start()
-        await self.client.wait_connected(60)
-        await self.client.subscribe(self.artifacts_topic, qos=1)
-        await self.client.subscribe(self.desired_topic, qos=1)
-        self.tasks.append(asyncio.create_task(self._jobs()))
+        fetcher = MqttChunkFetcher(client, o.prefix, self.device, self.settings.chunk_timeout_s)
+        await self.updater.start(client, fetcher)
+        await client.wait_connected(60)
         self.tasks.append(asyncio.create_task(self._health()))
-
-    def route(self, message: Any) -> None:
-        if message.topic == self.artifacts_topic:
-            self.fetcher.handle(message)
-        elif message.topic == self.desired_topic and message.payload:
-            self.desired.put_nowait(message.payload)
 
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.client.publish(
-            self.reported_topic, self._reported(False), retain=True, wait_ack=False
-        )
-        await self.client.stop()
+        await self.updater.stop()
 
     async def _health(self) -> None:
+        assert self.client is not None
         while True:
             await asyncio.sleep(self.options.health_interval_s)
             self.seq += 1
-            bad = self.active in self.options.bad_versions
+            active = self.host.active(self.options.model)
+            bad = active in self.options.bad_versions
             success, failure = (50, 50) if bad else (100, 0)
             message = {
                 "schema": "edge.health",
@@ -262,7 +306,7 @@ class SimDevice:
                 "models": [
                     {
                         "name": self.options.model,
-                        "version": str(self.active),
+                        "version": str(active),
                         "active": True,
                         "interval": {
                             "seconds": self.options.health_interval_s,
@@ -272,99 +316,19 @@ class SimDevice:
                         },
                     }
                 ],
-            }
-            await self.client.publish(
-                self.health_topic, json.dumps(message).encode(), wait_ack=False
-            )
+            } if active is not None else None
+            if message is not None:
+                await self.client.publish(
+                    self.health_topic, json.dumps(message).encode(), wait_ack=False
+                )
 
-    async def _jobs(self) -> None:
-        while True:
-            payload = await self.desired.get()
-            sha = hashlib.sha256(payload).hexdigest()
-            if sha in self.seen_envelopes:
-                continue
-            self.seen_envelopes.add(sha)
-            context = DeviceContext(
-                device_id=self.device,
-                now=time.time(),
-                highest_sequence=self.highest_sequence,
-                highest_versions={self.options.model: self.highest_activated},
-            )
-            try:
-                deployment = verify_deployment(payload, self.deploy_trust, context)
-            except DeploymentRejectedError as exc:
-                self.job = {
-                    "deployment_id": peek_deployment_id(payload),
-                    "sequence": None,
-                    "model": None,
-                    "model_version": None,
-                    "reason_code": exc.code,
-                }
-                await self._step(rejected(exc.code), exc.code, str(exc))
-                continue
-            self.highest_sequence = deployment.sequence
-            await self._run(deployment)
 
-    async def _fail(self, state: JobState, code: str, text: str) -> None:
-        try:
-            failed = apply(state, Event.FAIL, code)
-        except IllegalTransitionError:
-            return
-        await self._step(failed, code, text)
-
-    async def _run(self, d: Deployment) -> None:
-        self.job = {
-            "deployment_id": d.deployment_id,
-            "sequence": d.sequence,
-            "model": d.model_name,
-            "model_version": d.model_version,
-        }
-        state = apply(IDLE, Event.OFFER)
-        await self._step(state)
-        staging = self.state_dir / "staging" / str(d.sequence)
-        version_dir = staging / str(d.model_version)
-        try:
-            state = apply(state, Event.START_DOWNLOAD)
-            await self._step(state)
-            downloader = Downloader(
-                self.state_dir / "downloads",
-                self.fetcher,
-                DownloadSettings(
-                    chunk_bytes=self.options.chunk_bytes, window=self.options.window, retries=8
-                ),
-            )
-            targets = [(f, version_dir / f.path) for f in d.files]
-            if d.config is not None:
-                targets.append((d.config, staging / "config.pbtxt"))
-            await downloader.download(targets)
-            self.chunk_requests += downloader.requests
-            verified = await asyncio.to_thread(verify_version, version_dir, self.model_trust)
-            check_signed_manifest(d, verified.manifest)
-            state = apply(state, Event.DOWNLOAD_VERIFIED)
-            await self._step(state)
-            state = apply(state, Event.START_VALIDATION)
-            await self._step(state)
-            if d.model_version in self.options.fail_versions:
-                state = apply(state, Event.FAIL, "validation_failed")
-                await self._step(state, "validation_failed", "simulated validation failure")
-                return
-            state = apply(state, Event.VALIDATION_PASSED)
-            await self._step(state)
-            self.active = d.model_version
-            self.highest_activated = max(self.highest_activated, d.model_version)
-            state = apply(state, Event.ACTIVATED)
-            await self._step(state)
-            await asyncio.sleep(min(d.probation_s or 0.0, self.options.max_probation_s))
-            state = apply(state, Event.PROBATION_PASSED)
-            self.last_known_good = d.model_version
-            await self._step(state)
-        except (DownloadError, DeploymentRejectedError) as exc:
-            await self._fail(state, exc.code, str(exc))
-        except Exception as exc:  # report like the agent's 'interrupted', keep the device up
-            await self._fail(state, "interrupted", repr(exc))
-        finally:
-            if not self.options.keep_files:
-                shutil.rmtree(staging, ignore_errors=True)
+def deployment_trust_dir(options: SimOptions) -> Path:
+    """A directory holding just the deployment public key (the updater loads a directory)."""
+    directory = options.state_dir / f"deployment-trust-{os.getpid()}"
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(options.deploy_trust, directory / options.deploy_trust.name)
+    return directory
 
 
 async def run_devices(devices: Sequence[str], options: SimOptions) -> None:
@@ -375,27 +339,20 @@ async def run_devices(devices: Sequence[str], options: SimOptions) -> None:
             sys.stdout.write(json.dumps(event) + "\n")
             sys.stdout.flush()
 
-    sims = {name: SimDevice(name, options, emit) for name in devices}
+    base = base_settings(options, deployment_trust_dir(options))
+    sims = {name: SimDevice(name, options, base, emit) for name in devices}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
-    async def pump(sim: SimDevice) -> None:
-        while True:
-            sim.route(await sim.client.messages.get())
-
-    pumps = []
     for start in range(0, len(devices), 50):  # connect in batches: no thundering herd
         batch = [sims[name] for name in devices[start : start + 50]]
         await asyncio.gather(*(sim.start() for sim in batch))
-        pumps += [asyncio.create_task(pump(sim)) for sim in batch]
     emit({"event": "ready", "devices": len(devices), "pid": os.getpid()})
     await stop.wait()
-    for task in pumps:
-        task.cancel()
     await asyncio.gather(*(sim.stop() for sim in sims.values()), return_exceptions=True)
-    emit({"event": "stopped", "chunk_requests": sum(s.chunk_requests for s in sims.values())})
+    requests = sum(s.client.chunk_requests for s in sims.values() if s.client is not None)
+    emit({"event": "stopped", "chunk_requests": requests})
 
 
 def raise_fd_limit(wanted: int) -> int:
@@ -447,8 +404,6 @@ class SimFleet:
                 str(options.initial_version),
                 "--health-interval",
                 str(options.health_interval_s),
-                "--max-probation",
-                str(options.max_probation_s),
                 "--chunk-bytes",
                 str(options.chunk_bytes),
                 "--window",
@@ -558,7 +513,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bad-version", type=int, action="append", default=[])
     parser.add_argument("--fail-version", type=int, action="append", default=[])
     parser.add_argument("--health-interval", type=float, default=1.0)
-    parser.add_argument("--max-probation", type=float, default=0.5)
     parser.add_argument("--chunk-bytes", type=int, default=256 * 1024)
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--chunk-timeout", type=float, default=10.0)
@@ -583,7 +537,6 @@ def main(argv: list[str] | None = None) -> int:
         bad_versions=frozenset(args.bad_version),
         fail_versions=frozenset(args.fail_version),
         health_interval_s=args.health_interval,
-        max_probation_s=args.max_probation,
         chunk_bytes=args.chunk_bytes,
         window=args.window,
         chunk_timeout_s=args.chunk_timeout,
