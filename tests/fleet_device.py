@@ -1,8 +1,9 @@
 """A device-side MQTT client for tests and benchmarks (no agent, just the wire protocol).
 
 ``DeviceClient`` connects as one device (its client certificate on a TLS
-broker), sends ``edge.chunk_request`` messages with MQTT v5 response topic +
-correlation data and matches the answers; ``download`` pulls a whole blob with
+broker), sends ``edge.chunk_request`` messages (encoded and checked by
+``agent.protocol.chunks``) with MQTT v5 response topic + correlation data and
+matches the answers; ``download`` pulls a whole blob with
 a window of requests in flight, re-requesting what times out.
 
 Also ``make_signed_version``: a signed version directory in Triton's layout.
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.mqtt.client import Message, MqttClient, MqttSettings
+from agent.protocol import chunks
 from agent.signing import keys
 from agent.signing.version_dir import sign_version
 from tests.mqtt_broker import MosquittoBroker
@@ -46,16 +48,8 @@ def device_settings(broker: MosquittoBroker, identity: str, **overrides: Any) ->
 
 
 def chunk_request(device: str, sha256: str, offset: int, length: int) -> bytes:
-    return json.dumps(
-        {
-            "schema": "edge.chunk_request",
-            "version": 1,
-            "device": device,
-            "sha256": sha256,
-            "offset": offset,
-            "length": length,
-        }
-    ).encode()
+    """A well-formed request, encoded as the agent encodes it (agent.protocol.chunks)."""
+    return chunks.RequestEncoder(device).encode(sha256, offset, length)
 
 
 @dataclass
@@ -197,15 +191,15 @@ class DeviceClient:
             for future in done:
                 offset, correlation, _ = inflight.pop(future)
                 message = future.result()
-                if message.user_properties.get("schema") != "edge.chunk":
+                if message.user_properties.get("schema") != chunks.SCHEMA_CHUNK:
                     stats.errors.append(json.loads(message.payload))
                     raise RuntimeError(f"chunk error at {offset}: {message.payload!r}")
-                got = int(message.user_properties["offset"])
-                if got != offset or message.user_properties.get("sha256") != sha256:
-                    raise RuntimeError(f"answer for {got} to the request for {offset}")
                 expected = min(chunk, size - offset)
-                if len(message.payload) != expected:
-                    raise RuntimeError(f"{len(message.payload)} bytes at {offset}, not {expected}")
+                problem = chunks.chunk_problem(
+                    message.user_properties, sha256, offset, expected, len(message.payload)
+                )
+                if problem:
+                    raise RuntimeError(problem)
                 buffer[offset : offset + expected] = message.payload
             now = time.monotonic()
             for future, (offset, correlation, sent) in list(inflight.items()):

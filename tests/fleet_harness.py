@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.mqtt.client import Message, MqttClient, MqttSettings
+from agent.protocol import chunks
 from agent.protocol.deployment import sign_deployment
 from agent.signing.keys import private_key_pem, public_key_pem
 from agent.signing.version_dir import sign_version
@@ -41,6 +42,15 @@ max_batch_size: 0
 input [ { name: "x" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]
 output [ { name: "y" data_type: TYPE_FP32 dims: [ -1, 4 ] } ]
 """
+
+
+# A config that declares batches of up to 4: with ``batch_one_only`` models, a request
+# of two rows then fails although each row runs alone, which is the model's fault
+# (it counts for probation). Without batching declared, the same failure could be
+# the request's content and counts for nobody.
+BATCHING_CONFIG_PBTXT = (
+    CONFIG_PBTXT.replace("max_batch_size: 0", "max_batch_size: 4").replace("[ -1, 4 ]", "[ 4 ]")
+)
 
 
 # --------------------------------------------------------------------------- models
@@ -282,33 +292,42 @@ class TestController:
                 self.reports.append((message.topic, payload))
 
     async def _answer(self, message: Message) -> None:
+        """Answer one chunk request the way the controller does (agent.protocol.chunks),
+        bent by ``self.policy``."""
         self.requests += 1
         policy = self.policy
-        if policy.silent:
+        if policy.silent or message.response_topic is None:
             return
-        request = json.loads(message.payload)
+        device = message.topic.rsplit("/", 1)[-1]
+        try:
+            chunks.check_correlation(message.correlation_data)
+            request = chunks.parse_chunk_request(device, message.payload)
+        except chunks.ChunkRequestError as exc:
+            await self._refuse(message, exc)
+            return
         if policy.delay_s:
             await asyncio.sleep(policy.delay_s)
-        sha, offset, length = request["sha256"], request["offset"], request["length"]
+        sha, offset, length = request.sha256, request.offset, request.length
         blob = policy.replace.get(sha, self.blobs.get(sha))
-        assert message.response_topic is not None
         if blob is None:
-            body = json.dumps({"schema": "edge.chunk_error", "version": 1, "sha256": sha,
-                               "offset": offset, "code": "not_found", "message": "no such blob"})
-            await self.client.publish(
-                message.response_topic, body.encode(), qos=1,
-                correlation_data=message.correlation_data,
-                user_properties={"schema": "edge.chunk_error", "version": "1"}, wait_ack=False,
+            await self._refuse(
+                message, chunks.ChunkRequestError(chunks.NOT_FOUND, "no such blob", sha, offset)
             )
             return
         data = blob[offset : offset + length + policy.extra_bytes]
         await self.client.publish(
             message.response_topic, data, qos=1, correlation_data=message.correlation_data,
-            user_properties={"schema": "edge.chunk", "version": "1", "sha256": sha,
-                             "offset": str(offset)},
-            wait_ack=False,
+            user_properties=chunks.chunk_properties(sha, offset), wait_ack=False,
         )
         self.answered += 1
+
+    async def _refuse(self, message: Message, error: chunks.ChunkRequestError) -> None:
+        assert message.response_topic is not None
+        await self.client.publish(
+            message.response_topic, chunks.encode_chunk_error(error), qos=1,
+            correlation_data=message.correlation_data,
+            user_properties=dict(chunks.ERROR_PROPERTIES), wait_ack=False,
+        )
 
     # -- test API (any thread) -----------------------------------------------
 
