@@ -64,8 +64,17 @@ def scale_model(k: float, batch_one_only: bool = False, padding: int = 0) -> byt
     nodes = [helper.make_node("Mul", ["x", "k"], ["y" if not batch_one_only else "kx"])]
     inits = [numpy_helper.from_array(np.array(k, np.float32), "k")]
     if batch_one_only:
-        nodes.append(helper.make_node("Reshape", ["kx", "shape"], ["y"]))
-        inits.append(numpy_helper.from_array(np.array([1, 4], np.int64), "shape"))
+        # y = kx + 0 * reshape(kx, [1, 4]): the reshape fails unless b == 1, and the
+        # output keeps its batch dimension (a model that declares batching may say so).
+        nodes += [
+            helper.make_node("Reshape", ["kx", "shape"], ["one"]),
+            helper.make_node("Mul", ["one", "zero"], ["nothing"]),
+            helper.make_node("Add", ["kx", "nothing"], ["y"]),
+        ]
+        inits += [
+            numpy_helper.from_array(np.array([1, 4], np.int64), "shape"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ]
     if padding:
         pad = np.frombuffer(np.random.default_rng(int(k * 1000)).bytes(padding), np.uint8)
         inits.append(numpy_helper.from_array(pad, "padding"))

@@ -32,6 +32,7 @@ from agent.signing.keys import TrustStore
 from agent.signing.version_dir import verify_version
 from tests.agent_process import AgentProcess
 from tests.fleet_harness import (
+    BATCHING_CONFIG_PBTXT,
     MODEL,
     Keys,
     TestController,
@@ -98,14 +99,17 @@ class Rig:
         state: dict[str, Any] = json.loads((self.state / "state.json").read_text())
         return state
 
-    def new_deployment(self, **kwargs: Any) -> dict[str, Any]:
+    def new_deployment(self, config: bytes | None = None, **kwargs: Any) -> dict[str, Any]:
         self.version += 1
         self.sequence += 1
         directory = write_version(self.tmp / "published" / str(self.version),
                                   float(self.version), self.keys.model, padding=48_000, **kwargs)
         files = version_files(directory)
         self.controller.add_files(files)
-        return deployment_doc(files, self.version, self.sequence, probation_s=PROBATION_S)
+        if config is not None:
+            self.controller.add_files({"config.pbtxt": config})
+        return deployment_doc(files, self.version, self.sequence, probation_s=PROBATION_S,
+                              config=config)
 
     def check_serving(self, where: str) -> float:
         """The invariants that must hold right after any restart."""
@@ -223,7 +227,7 @@ def test_sigkill_during_a_roll_back_still_ends_on_the_last_known_good(rig: Rig) 
     good = rig.new_deployment()
     rig.controller.deploy(good, rig.keys.deploy)
     assert rig.finish(good, "good version")["status"] == "SUCCEEDED"
-    bad = rig.new_deployment(batch_one_only=True)
+    bad = rig.new_deployment(config=BATCHING_CONFIG_PBTXT.encode(), batch_one_only=True)
     bad["probation_s"] = 30
     rig.controller.deploy(bad, rig.keys.deploy)
     rig.controller.wait_for(

@@ -33,6 +33,7 @@ from agent.signing.keys import TrustStore
 from agent.signing.version_dir import verify_version
 from tests.agent_process import AgentProcess
 from tests.fleet_harness import (
+    BATCHING_CONFIG_PBTXT,
     CONFIG_PBTXT,
     DEVICE,
     MODEL,
@@ -487,7 +488,7 @@ def test_a_version_that_fails_in_probation_is_rolled_back(fleet: Fleet) -> None:
     config_before = (fleet.repository / MODEL / "config.pbtxt").read_bytes()
     # Passes its vectors (batch 1) but fails every request with a batch of 2.
     version, files = fleet.version(batch_one_only=True)
-    new_config = CONFIG_PBTXT.encode() + b"# the bad version's config\n"
+    new_config = BATCHING_CONFIG_PBTXT.encode() + b"# the bad version's config\n"
     fleet.controller.add_files({"config.pbtxt": new_config})
     doc = deployment_doc(files, version, fleet.seq(), probation_s=20.0, config=new_config)
     fleet.controller.deploy(doc, fleet.keys.deploy)

@@ -15,12 +15,13 @@ Two schedulers share one worker function:
 Requests whose client deadline has passed are never run. onnxruntime, array
 concatenation and output serialisation all happen on worker threads.
 
-A request that makes onnxruntime fail when run on its own (say an index past
-an embedding table) gets ``InputFailedModelError`` (INVALID_ARGUMENT, no model
-fault). A batch that fails is split in halves and rerun, down to single
-requests, so that only the requests that fail alone fail, and requests that
-succeed alone succeed even if their batch did not. The success path does no
-extra work.
+A request that makes onnxruntime fail when run on its own (say an index past an
+embedding table) gets ``InputFailedModelError`` (INVALID_ARGUMENT, no model
+fault), unless it holds several rows that each run alone: then the model failed
+at a batch size it declares, which is its own fault. A batch that fails is
+split in halves and rerun, down to single requests, so that only the requests
+that fail alone fail, and requests that succeed alone succeed even if their
+batch did not. The success path does no extra work.
 """
 
 from __future__ import annotations
@@ -88,6 +89,18 @@ def _serialise(name: str, datatype: str, array: Array) -> OutputTensor:
     return OutputTensor(name, datatype, array.shape, raw)
 
 
+def _rows_run_alone(
+    session: OnnxSession, names: list[str], feeds: dict[str, Array], rows: int
+) -> bool:
+    """Failure path only: whether every row of a failed request runs on its own."""
+    for row in range(rows):
+        try:
+            session.run(names, {name: value[row : row + 1] for name, value in feeds.items()})
+        except Exception:
+            return False
+    return True
+
+
 def run_batch(
     session: OnnxSession,
     items: Sequence[DecodedRequest],
@@ -117,6 +130,13 @@ def run_batch(
             raise InferenceFailedError(f"model '{model}': onnxruntime failed: {exc}") from exc
         if len(items) > 1:
             raise _BatchRunFailed(f"model '{model}': onnxruntime failed: {exc}") from exc
+        if items[0].batch_size > 1 and _rows_run_alone(session, names, feeds, items[0].batch_size):
+            # Every row runs alone: the model fails at a batch size it declares it takes.
+            # That is the model's fault (it counts for probation), not the client's.
+            raise InferenceFailedError(
+                f"model '{model}' failed on a batch of {items[0].batch_size} although each "
+                f"of its rows runs alone (its max_batch_size is too large): {exc}"
+            ) from exc
         raise InputFailedModelError(
             f"the request's input made model '{model}' fail (it fails on its own, not "
             f"because of other requests): {exc}"
