@@ -45,9 +45,6 @@ def test_disk_full_during_a_download_fails_the_job_naming_the_space_old_version_
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="ENOSPC on the state write that accepts a deployment: "
-                   "logged as 'fleet message handling failed', nothing reported upstream "
-                   "(agent/fleet updater, not fixed here)")
 def test_disk_full_on_a_state_write_fails_the_job_naming_the_space() -> None:
     run_bench(BENCH / "disk_full.py", "--case", "state write", "--report-timeout", "8",
               timeout=120)

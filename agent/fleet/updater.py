@@ -231,6 +231,7 @@ class Updater(Generic[M]):
             int(max(serving, key=int)) if serving else None
         )
         state = lifecycle.apply(self.current_state(), Event.OFFER)
+        before = (self.state.highest_sequence, self.state.job)
         self.state.highest_sequence = deployment.sequence
         self.state.job = JobRecord(
             deployment=to_record(deployment),
@@ -241,11 +242,31 @@ class Updater(Generic[M]):
             updated_at=now,
         )
         self._progress = None
-        await self._save()
+        try:
+            await self._save()
+        except JobFailure as failure:
+            await self._refuse_unsaved(state, failure)
+            self.state.highest_sequence, self.state.job = before
+            return
         log.info("deployment accepted", extra=job_log(self.state.job))
         failpoint("accepted", deployment.sequence)
         await self._announce()
         self._start_job()
+
+    async def _refuse_unsaved(self, offered: JobState, failure: JobFailure) -> None:
+        """The accepted job could not be saved (a full disk, say): report it failed.
+
+        Nothing of it is on disk, so the state stays as it was and the retained
+        deployment is offered again after a restart, once there is space.
+        """
+        job = self.state.job
+        assert job is not None
+        failed = lifecycle.apply(offered, Event.FAIL, failure.reason)
+        job.phase, job.status = str(failed.phase), str(failed.status)
+        job.reason_code, job.message = failed.reason_code, failure.message[:1000]
+        log.error("deployment not started: the state cannot be saved",
+                  extra={**job_log(job), "reason": failure.message})
+        await self.reports.publish(self.topics.jobs, self._job_message(job))
 
     async def cancel_job(self, why: str) -> None:
         task = self._job_task
