@@ -196,3 +196,18 @@ def test_a_signed_deployment_naming_a_controller_id_is_malformed() -> None:
         dep.verify_deployment(
             envelope, trust, dep.DeviceContext(device_id="dev-1", now=1500.0, highest_sequence=0)
         )
+
+
+def test_a_host_name_in_the_controllers_namespace_is_not_taken_as_the_device_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    from agent.errors import ConfigError
+    from agent.fleet.settings import default_device_id
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "controller-7")
+    with pytest.raises(ConfigError, match=r"mqtt\.device_id.*reserved"):
+        default_device_id()
+    monkeypatch.setattr(socket, "gethostname", lambda: "plant-a-3²")
+    assert default_device_id() == "plant-a-3-"

@@ -7,13 +7,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import AgentConfig
+from agent.errors import ConfigError
 from agent.fleet.downloader import DownloadSettings
+from agent.protocol.names import is_reserved_device_id
 
 
 def default_device_id() -> str:
-    """The host name, cut to what a device id may hold."""
-    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())
-    return (name or "edge-agent")[:64]
+    """The host name, cut to what a device id may hold.
+
+    A host name in the controllers' namespace (agent.protocol.names) is refused:
+    the broker would grant it a controller's rights.
+    """
+    name = "".join(
+        c if (c.isascii() and c.isalnum()) or c in "_.-" else "-" for c in socket.gethostname()
+    )
+    device = (name or "edge-agent")[:64]
+    if is_reserved_device_id(device):
+        raise ConfigError(
+            f"mqtt.device_id: the host name {device!r} is a reserved (controller) id; "
+            "set mqtt.device_id to this device's id"
+        )
+    return device
 
 
 @dataclass(frozen=True, slots=True)
