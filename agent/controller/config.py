@@ -65,8 +65,9 @@ import jsonschema
 
 from agent.errors import ConfigError
 from agent.mqtt.client import MqttSettings
+from agent.protocol.chunks import DEFAULT_MAX_CHUNK_BYTES
 from agent.protocol.tags import TAG_BODY
-from agent.protocol.topics import DEFAULT_MAX_CHUNK_BYTES, check_prefix, check_share_group
+from agent.protocol.topics import check_prefix, check_share_group
 
 DEFAULT_CONTROLLER_CONFIG = Path("/etc/edge-agent/controller.toml")
 

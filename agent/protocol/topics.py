@@ -21,14 +21,9 @@ from agent.protocol.deployment import (
 from agent.protocol.deployment import MAX_MESSAGE_BYTES as MAX_JSON_BYTES
 from agent.protocol.names import RESERVED_DEVICE_PREFIX, is_reserved_device_id
 
-DEFAULT_MAX_CHUNK_BYTES: Final = 1024 * 1024
 # \Z with fullmatch: '$' would accept a trailing newline.
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*\Z")
 _GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
-
-SCHEMA_CHUNK_REQUEST: Final = "edge.chunk_request"
-SCHEMA_CHUNK: Final = "edge.chunk"
-SCHEMA_CHUNK_ERROR: Final = "edge.chunk_error"
 
 # The device-to-controller topics the controller follows, with their schema.
 REPORT_SCHEMAS: Final[dict[str, str]] = {
@@ -102,15 +97,11 @@ def encode_json(message: dict[str, Any]) -> bytes:
 
 
 __all__ = [
-    "DEFAULT_MAX_CHUNK_BYTES",
     "DEVICE_ID",
     "MAX_JSON_BYTES",
     "MODEL_NAME",
     "REPORT_SCHEMAS",
     "RESERVED_DEVICE_PREFIX",
-    "SCHEMA_CHUNK",
-    "SCHEMA_CHUNK_ERROR",
-    "SCHEMA_CHUNK_REQUEST",
     "SCHEMA_DEPLOYMENT",
     "SCHEMA_VERSION",
     "SHA256_HEX",
