@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 
 from agent.common.background import run_in_background
 from agent.common.buffers import FileBytes
@@ -20,6 +21,7 @@ from agent.mqtt.client import MqttSettings, Will
 from agent.protocol.deployment import CONFIG_PATH
 from agent.serving.model_config import complete_config, parse_config_pbtxt
 from agent.serving.onnx_runtime import OnnxSession, SessionOptions
+from agent.serving.signed_reader import external_locations
 from agent.serving.validation import SPEC_FILE, VECTORS_FILE, validate_model
 from agent.wire import model_config_pb2 as mc
 
@@ -78,6 +80,9 @@ class OnnxVersionValidator:
     @property
     def extra_files(self) -> tuple[str, ...]:
         return (VECTORS_FILE, SPEC_FILE)
+
+    def referenced_files(self, model_path: Path) -> tuple[str, ...]:
+        return tuple(sorted(external_locations(model_path)))
 
     def model_file(self, model_name: str, config_text: str | None) -> str:
         try:

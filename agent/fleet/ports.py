@@ -144,6 +144,14 @@ class VersionValidator(Protocol):
         config is unusable or names another model."""
         ...
 
+    def referenced_files(self, model_path: Path) -> tuple[str, ...]:
+        """The files the staged model names for its weights (ONNX external data).
+
+        Read before verification only to know what to load with it: the session
+        checks the verified model's references against the verified files again.
+        """
+        ...
+
     async def validate(
         self, model_name: str, config_text: str | None, model: FileBytes,
         contents: Mapping[str, FileBytes],

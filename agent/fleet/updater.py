@@ -391,7 +391,17 @@ class Updater(Generic[M]):
         names = {f.path for f in deployment.files}
         if model_file not in names:
             raise JobFailure(Reason.VALIDATION_FAILED, f"the version has no {model_file}")
-        load = tuple(n for n in (model_file, *self.validator.extra_files) if n in names)
+        referenced = await asyncio.to_thread(
+            self.validator.referenced_files, self.files.staged_version(deployment) / model_file
+        )
+        unlisted = sorted(set(referenced) - names)
+        if unlisted:
+            raise JobFailure(Reason.VALIDATION_FAILED,
+                             f"{model_file} reads external data from files the deployment does "
+                             f"not list: {', '.join(unlisted)[:300]}")
+        load = tuple(dict.fromkeys(
+            n for n in (model_file, *self.validator.extra_files, *referenced) if n in names
+        ))
         contents = await self._verify_staged(deployment, load)
         model_bytes = contents.pop(model_file)
         # A fresh session of its own (the validator's), on a low-priority thread.

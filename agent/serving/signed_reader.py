@@ -42,7 +42,7 @@ def signed_reader(trust_dir: Path) -> ModelReader:
     def read_verified(version_dir: Path, filename: str) -> FileBytes:
         # The signed identity must be the directory's place: <model>/<version>.
         expected = identity_of_path(version_dir)
-        locations = _external_locations(version_dir / filename)
+        locations = external_locations(version_dir / filename)
         load = (filename, *sorted(locations - {filename}))
         try:
             verified = verify_version(version_dir, trust, load=load, identity=expected)
@@ -61,7 +61,7 @@ def signed_reader(trust_dir: Path) -> ModelReader:
     return read_verified
 
 
-def _external_locations(model_file: Path) -> set[str]:
+def external_locations(model_file: Path) -> set[str]:
     """The external data files ``model_file`` names, read before verification so that
     they are loaded by it (a hint: the session checks the verified model itself).
 

@@ -178,9 +178,10 @@ def validate_model(
     files: Mapping[str, FileBytes],
     options: SessionOptions,
 ) -> ValidationResult:
-    """Blocking. ``files``: the verified validation files present (by name)."""
+    """Blocking. ``files``: the verified validation and external data files present."""
+    weights = {name: data for name, data in files.items() if name not in (VECTORS_FILE, SPEC_FILE)}
     try:
-        session = OnnxSession(model_bytes, options)
+        session = OnnxSession(model_bytes, options, external_files=weights)
     except AgentError as exc:
         raise ValidationFailedError(f"the model does not load: {exc}") from None
     output_names = [t.name for t in session.outputs]

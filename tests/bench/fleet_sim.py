@@ -154,6 +154,9 @@ class LightValidator:
     def model_file(self, model_name: str, config_text: str | None) -> str:
         return "model.onnx"
 
+    def referenced_files(self, model_path: Path) -> tuple[str, ...]:
+        return ()  # no external data
+
     async def validate(
         self, model_name: str, config_text: str | None, model: FileBytes,
         contents: Mapping[str, FileBytes],
