@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from agent.errors import AgentError
 from agent.serving import onnx_external
 from agent.serving.onnx_external import ExternalDataError
 from agent.serving.onnx_runtime import OnnxSession, SessionOptions
@@ -332,3 +333,30 @@ def test_reload_refuses_an_escaping_version_and_the_old_one_keeps_serving(
         assert state == "UNAVAILABLE" and "absolute path outside the version" in reason
         assert _index(agent.address)["good:1"] == ("READY", "")
         np.testing.assert_array_equal(_infer(agent.address, "good"), X @ W)
+
+
+# --------------------------------------------------------------------------- fleet updates
+
+
+def test_the_fleet_validator_loads_in_version_external_data_with_the_model(
+    tmp_path: Path,
+) -> None:
+    """The update path: the staged model names its weights file, the updater loads it in
+    the same verified pass, and the validated session computes with those bytes."""
+    import asyncio
+
+    from agent.adapters.fleet import OnnxVersionValidator
+
+    directory = _version(tmp_path, "ext", 1, "weights.bin")
+    validator = OnnxVersionValidator(SessionOptions(), lambda session: None)
+    assert validator.referenced_files(directory / "model.onnx") == ("weights.bin",)
+    contents = {"weights.bin": (directory / "weights.bin").read_bytes()}
+    result = asyncio.run(validator.validate(
+        "ext", None, (directory / "model.onnx").read_bytes(), contents
+    ))
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    (y,) = result.prepared.run(["y"], {"x": x})
+    np.testing.assert_allclose(y, x @ W)
+    # Without the weights among the verified files, the model is refused.
+    with pytest.raises(AgentError, match=r"weights\.bin"):
+        asyncio.run(validator.validate("ext", None, (directory / "model.onnx").read_bytes(), {}))
