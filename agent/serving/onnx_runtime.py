@@ -251,7 +251,9 @@ class OnnxSession:
             so.intra_op_num_threads = options.intra_op_threads
             so.inter_op_num_threads = options.inter_op_threads
         so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization]
-        so.log_severity_level = 3  # errors only: warnings would flood journald
+        # Fatal only: a failed run is raised to the caller (and answered), and a client
+        # could otherwise flood journald with one error line per bad request.
+        so.log_severity_level = 4
         if names:
             so.add_external_initializers(names, values)
         self._external = values  # onnxruntime reads their buffers for the session's life
