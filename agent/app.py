@@ -146,6 +146,8 @@ class Agent:
             default_instance_count=config.runtime.default_instance_count,
             default_max_queue_size=config.runtime.default_max_queue_size,
             max_instance_count=config.runtime.max_instance_count,
+            execution=config.runtime.execution,
+            inline_threshold_us=config.runtime.inline_threshold_us,
         )
         reader = make_reader(config)
         self.models = ModelManager(
@@ -153,6 +155,7 @@ class Agent:
         )
         self.plane = DataPlane(self.models, config.repository.model_control == "explicit")
         self.plane.control = control_policy(config)  # reads control.token_file
+        self.plane.shared_memory.enabled = config.server.shared_memory == "system"
         # Health and drift telemetry (Prometheus, and MQTT when the fleet plane is on).
         # Its stop hook is registered first: the flush runs before MQTT says offline.
         self.telemetry = TelemetryService(
@@ -214,7 +217,8 @@ class Agent:
         explicit = cfg.repository.model_control == "explicit"
         startup = list(cfg.repository.startup_models) if explicit else None
         self.models.set_pins(await asyncio.to_thread(self._prepare_fleet))
-        await self.models.sync_repository(startup or None)
+        # Explicit model control with no startup models loads none (as Triton).
+        await self.models.sync_repository(startup)
         addresses = [a for a in (cfg.server.address,) if a]
         if cfg.server.unix_socket:
             addresses.append(f"unix:{cfg.server.unix_socket}")
@@ -366,6 +370,7 @@ class Agent:
         explicit = new.repository.model_control == "explicit"
         self.plane.explicit_model_control = explicit
         self.plane.control = control
+        self.plane.shared_memory.enabled = new.server.shared_memory == "system"
         self.models.root = Path(new.repository.path)
         # With explicit model control, only what is loaded is rescanned; the rest
         # waits for a RepositoryModelLoad.
@@ -409,6 +414,7 @@ class Agent:
             # Inference is done: the last responses get a moment to go out, then
             # what is left (idle streams, a model load) is cancelled.
             await self._server.stop(grace=min(_remaining(deadline), _RESPONSE_GRACE_S))
+        self.plane.shared_memory.close()  # unmap every registered region
         hooks_deadline = time.monotonic() + STOP_HOOKS_TIMEOUT_S
         for name, hook in self.stop_hooks:
             try:
@@ -449,6 +455,11 @@ async def serve(
 ) -> None:
     # On SIGABRT (systemd's watchdog signal) dump every thread's stack to the journal.
     faulthandler.enable()
+    from agent.startup_checks import check_startup
+
+    # The same checks as `edge-agent check-config`: a ConfigError here stops start-up.
+    for warning in check_startup(config):
+        log.warning(warning)
     if not await Agent(config, config_path, overrides).run():
         # A worker thread is stuck inside onnxruntime and cannot be interrupted;
         # the interpreter would wait for it forever at exit.

@@ -51,14 +51,26 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     from agent.app import read_config
+    from agent.startup_checks import check_startup
 
     try:
         config = read_config(args.config)
-    except ConfigError as exc:
+        # The checks `serve` runs before it starts (paths, permissions, keys).
+        warnings = [] if args.schema_only else check_startup(config)
+    except AgentError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    print(f"OK {config.source}")
+    for warning in warnings:
+        print(f"edge-agent: warning: {warning}", file=sys.stderr)
+    print(f"OK {config.source}{' (schema only)' if args.schema_only else ''}")
     return 0
+
+
+EXIT_CODES_EPILOG = """exit status:
+  0  success (check-config: serve would start with this config)
+  1  a failure other than the configuration (e.g. a model that cannot be served)
+  2  a configuration error: the config file, a flag, or a path or file it names
+     (relative paths resolve against the working directory; the message names the key)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edge-agent",
         description="Serve signed ONNX models over Triton's gRPC protocol; take verified "
         "updates over MQTT.",
+        epilog=EXIT_CODES_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,8 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
 
-    check = sub.add_parser("check-config", help="validate a config file and exit")
-    check.add_argument("--config", type=Path)
+    check = sub.add_parser(
+        "check-config",
+        help="run the checks serve runs at start-up (the config, and the paths and files "
+        "it names) and exit",
+        epilog=EXIT_CODES_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument(
+        "--config",
+        type=Path,
+        help="TOML config file (default: /etc/edge-agent/agent.toml if it exists, else the "
+        "embedded defaults)",
+    )
+    check.add_argument(
+        "--schema-only",
+        action="store_true",
+        help="check only the file's keys and values, not the paths it names (for a config "
+        "meant for another machine)",
+    )
     check.set_defaults(func=_check_config)
 
     add_signing_commands(sub)
