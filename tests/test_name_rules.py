@@ -26,7 +26,7 @@ from agent.errors import AgentError, ConfigError
 from agent.protocol import deployment as dep
 from agent.protocol import tags, topics
 from agent.protocol.names import RESERVED_DEVICE_PREFIX, is_reserved_device_id
-from agent.signing import identity, keys, oms
+from agent.signing import identity, keys, oms, strict_json
 
 NAME_CHARS = string.ascii_letters + string.digits + "_"
 # Valid for every validator: starts with a letter or digit, at most 31 characters.
@@ -97,9 +97,9 @@ def test_the_agent_config_refuses_a_trailing_newline(name: str, end: str) -> Non
 @given(digest=hexes, end=endings)
 def test_digests_refuse_a_trailing_newline(digest: str, end: str) -> None:
     assert dep.SHA256_HEX.match(digest) and not dep.SHA256_HEX.match(digest + end)
-    assert oms._hex_digest(digest, "d") == digest
+    assert strict_json.hex_digest(digest, "d") == digest
     with pytest.raises(oms.BundleMalformedError):
-        oms._hex_digest(digest + end, "d")
+        strict_json.hex_digest(digest + end, "d")
 
 
 def test_the_repository_refuses_a_model_named_with_a_newline(tmp_path: Path) -> None:

@@ -34,19 +34,88 @@ its own ``code``.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.errors import VerificationError
+from agent.signing.oms_errors import (
+    BadSignatureError as BadSignatureError,
+)
+from agent.signing.oms_errors import (
+    BundleMalformedError as BundleMalformedError,
+)
+from agent.signing.oms_errors import (
+    BundleMediaTypeError as BundleMediaTypeError,
+)
+from agent.signing.oms_errors import (
+    DuplicateResourceError as DuplicateResourceError,
+)
+from agent.signing.oms_errors import (
+    FileDigestMismatchError as FileDigestMismatchError,
+)
+from agent.signing.oms_errors import (
+    FileMissingError as FileMissingError,
+)
+from agent.signing.oms_errors import (
+    FileRenamedError as FileRenamedError,
+)
+from agent.signing.oms_errors import (
+    FileUnexpectedError as FileUnexpectedError,
+)
+from agent.signing.oms_errors import (
+    HashAlgorithmError as HashAlgorithmError,
+)
+from agent.signing.oms_errors import (
+    KeyFormatError as KeyFormatError,
+)
+from agent.signing.oms_errors import (
+    LimitExceededError as LimitExceededError,
+)
+from agent.signing.oms_errors import (
+    ManifestInconsistentError as ManifestInconsistentError,
+)
+from agent.signing.oms_errors import (
+    PayloadTypeError as PayloadTypeError,
+)
+from agent.signing.oms_errors import (
+    PredicateTypeError as PredicateTypeError,
+)
+from agent.signing.oms_errors import (
+    SerializationUnsupportedError as SerializationUnsupportedError,
+)
+from agent.signing.oms_errors import (
+    SignatureMissingError as SignatureMissingError,
+)
+from agent.signing.oms_errors import (
+    StatementTypeError as StatementTypeError,
+)
+from agent.signing.oms_errors import (
+    UnsafePathError as UnsafePathError,
+)
+from agent.signing.oms_errors import (
+    UnsupportedKeyError as UnsupportedKeyError,
+)
+from agent.signing.oms_errors import (
+    UntrustedKeyError as UntrustedKeyError,
+)
+from agent.signing.strict_json import (
+    base64_field,
+    field_value,
+    hex_digest,
+    json_array,
+    json_object,
+    json_string,
+    load_json,
+    malformed,
+    only_keys,
+)
 
 BUNDLE_MEDIA_TYPE: Final = "application/vnd.dev.sigstore.bundle.v0.3+json"
 IN_TOTO_PAYLOAD_TYPE: Final = "application/vnd.in-toto+json"
@@ -77,162 +146,6 @@ MAX_IGNORE_PATHS: Final = 256
 # \Z, not $: '$' also matches before a trailing newline.
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}\Z")
 _MAX_NAME_LENGTH = 4096
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class SignatureMissingError(VerificationError):
-    """There is no signature: no model.sig, or a DSSE envelope with no signatures."""
-
-    code = "signature_missing"
-
-
-class BundleMalformedError(VerificationError):
-    """model.sig is not a well-formed key-based sigstore bundle (JSON, fields, base64)."""
-
-    code = "signature_malformed"
-
-
-class BundleMediaTypeError(VerificationError):
-    """The bundle's mediaType is not the sigstore bundle v0.3 JSON type."""
-
-    code = "signature_media_type"
-
-
-class PayloadTypeError(VerificationError):
-    """The DSSE payloadType is not application/vnd.in-toto+json."""
-
-    code = "signature_payload_type"
-
-
-class StatementTypeError(VerificationError):
-    """The signed payload is not an in-toto Statement v1."""
-
-    code = "signature_statement_type"
-
-
-class PredicateTypeError(VerificationError):
-    """The statement's predicateType is not the OMS signature v1.0 predicate."""
-
-    code = "signature_predicate_type"
-
-
-class SerializationUnsupportedError(VerificationError):
-    """The manifest was serialized with a method other than whole files."""
-
-    code = "signature_serialization_unsupported"
-
-
-class HashAlgorithmError(VerificationError):
-    """The manifest (or one of its resources) uses a hash other than SHA-256."""
-
-    code = "signature_hash_algorithm"
-
-
-class DuplicateResourceError(VerificationError):
-    """The manifest names the same file twice."""
-
-    code = "signature_duplicate_resource"
-
-
-class LimitExceededError(BundleMalformedError):
-    """model.sig holds more signatures, resources or ignore paths than the agent accepts."""
-
-    code = "signature_limit_exceeded"
-
-
-class UnsafePathError(VerificationError):
-    """A name in the manifest is absolute, climbs out with '..', or is otherwise unsafe."""
-
-    code = "signature_unsafe_path"
-
-
-class ManifestInconsistentError(VerificationError):
-    """The statement contradicts itself (subject digest vs resources, ignored resources)."""
-
-    code = "signature_manifest_inconsistent"
-
-
-class UntrustedKeyError(VerificationError):
-    """The signature names (or was made by) a key that is not in the trust store."""
-
-    code = "signature_untrusted_key"
-
-
-class BadSignatureError(VerificationError):
-    """The signature does not verify under the trusted key it names."""
-
-    code = "signature_invalid"
-
-
-class UnsupportedKeyError(VerificationError):
-    """A key is not an ECDSA P-256 key (another curve, RSA, Ed25519, ...)."""
-
-    code = "key_unsupported"
-
-
-class KeyFormatError(VerificationError):
-    """A key file cannot be read as a PEM key (or the passphrase is wrong)."""
-
-    code = "key_invalid"
-
-
-class FileMissingError(VerificationError):
-    """A file the signature lists is not in the version directory."""
-
-    code = "file_missing"
-
-    def __init__(self, paths: Sequence[str], message: str) -> None:
-        super().__init__(message)
-        self.paths = tuple(paths)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.paths, str(self)))
-
-
-class FileUnexpectedError(VerificationError):
-    """The version directory holds a file the signature does not list."""
-
-    code = "file_unexpected"
-
-    def __init__(self, paths: Sequence[str], message: str) -> None:
-        super().__init__(message)
-        self.paths = tuple(paths)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.paths, str(self)))
-
-
-class FileRenamedError(VerificationError):
-    """A signed file is present under another name (same content, different path)."""
-
-    code = "file_renamed"
-
-    def __init__(self, renames: Sequence[tuple[str, str]], message: str) -> None:
-        super().__init__(message)
-        self.renames = tuple(renames)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.renames, str(self)))
-
-
-class FileDigestMismatchError(VerificationError):
-    """A file's SHA-256 differs from the signed one (altered, truncated or extended)."""
-
-    code = "file_digest_mismatch"
-
-    def __init__(self, path: str, expected: str, actual: str) -> None:
-        super().__init__(
-            f"{path}: content does not match the signature "
-            f"(SHA-256 {actual}, signed {expected}); the file was altered, truncated or extended"
-        )
-        self.path = path
-        self.expected = expected
-        self.actual = actual
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.expected, self.actual))
 
 
 # --------------------------------------------------------------------------- keys
@@ -410,106 +323,6 @@ def sign_manifest(
     return sign_payload(encode_statement(statement), private_key)
 
 
-# --------------------------------------------------------------------------- parsing helpers
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateJsonKey(key)
-        result[key] = value
-    return result
-
-
-class _DuplicateJsonKey(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _load_json(data: bytes, what: str, error: type[VerificationError]) -> Any:
-    try:
-        text = data.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-    except _DuplicateJsonKey as exc:
-        raise error(f"{what}: JSON object has the key {exc.key!r} twice") from None
-    except UnicodeDecodeError as exc:
-        raise error(f"{what}: not UTF-8 text (byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise error(f"{what}: not valid JSON, truncated or corrupt ({exc})") from None
-    except RecursionError:
-        raise error(f"{what}: JSON nested too deeply") from None
-
-
-def _malformed(where: str, problem: str) -> NoReturn:
-    raise BundleMalformedError(f"{where}: {problem}")
-
-
-def _object(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        _malformed(where, f"expected a JSON object, got {_json_type(value)}")
-    return value
-
-
-def _array(value: Any, where: str) -> list[Any]:
-    if not isinstance(value, list):
-        _malformed(where, f"expected a JSON array, got {_json_type(value)}")
-    return value
-
-
-def _string(obj: Mapping[str, Any], key: str, where: str) -> str:
-    if key not in obj:
-        _malformed(where, f"missing field {key!r}")
-    value = obj[key]
-    if not isinstance(value, str):
-        _malformed(f"{where}.{key}", f"expected a string, got {_json_type(value)}")
-    return value
-
-
-def _field(obj: Mapping[str, Any], key: str, where: str) -> Any:
-    if key not in obj:
-        _malformed(where, f"missing field {key!r}")
-    return obj[key]
-
-
-def _only_keys(obj: Mapping[str, Any], allowed: Collection[str], where: str) -> None:
-    unknown = sorted(set(obj) - set(allowed))
-    if unknown:
-        _malformed(where, f"unexpected field(s) {', '.join(map(repr, unknown))}")
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
-
-
-def _base64(value: str, where: str) -> bytes:
-    """Strict standard base64: the only encoding of the decoded bytes that is accepted."""
-    try:
-        decoded = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        _malformed(where, "not valid base64")
-    if base64.b64encode(decoded).decode("ascii") != value:
-        _malformed(where, "not canonical base64")
-    return decoded
-
-
-def _hex_digest(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _HEX_DIGEST.fullmatch(value):
-        _malformed(where, "expected a 64-digit hex SHA-256 digest")
-    return value.lower()
-
-
 # --------------------------------------------------------------------------- verification
 
 
@@ -533,43 +346,47 @@ class _Envelope:
 
 
 def _parse_bundle(data: bytes) -> _Envelope:
-    doc = _object(_load_json(data, "model.sig", BundleMalformedError), "bundle")
+    doc = json_object(load_json(data, "model.sig", BundleMalformedError), "bundle")
     media_type = doc.get("mediaType")
     if isinstance(media_type, str) and media_type != BUNDLE_MEDIA_TYPE:
         raise BundleMediaTypeError(
             f"bundle mediaType is {media_type!r}, expected {BUNDLE_MEDIA_TYPE!r}"
         )
-    _string(doc, "mediaType", "bundle")
+    json_string(doc, "mediaType", "bundle")
     if "messageSignature" in doc:
-        _malformed("bundle", "holds a messageSignature, expected a dsseEnvelope")
-    _only_keys(doc, ("mediaType", "verificationMaterial", "dsseEnvelope"), "bundle")
+        malformed("bundle", "holds a messageSignature, expected a dsseEnvelope")
+    only_keys(doc, ("mediaType", "verificationMaterial", "dsseEnvelope"), "bundle")
 
-    material = _object(_field(doc, "verificationMaterial", "bundle"), "verificationMaterial")
+    material = json_object(
+        field_value(doc, "verificationMaterial", "bundle"), "verificationMaterial"
+    )
     for unsupported in ("certificate", "x509CertificateChain"):
         if unsupported in material:
-            _malformed(
+            malformed(
                 "verificationMaterial",
                 f"holds a {unsupported}; only key-based (publicKey) signatures are supported",
             )
-    _only_keys(material, ("publicKey", "tlogEntries"), "verificationMaterial")
-    public_key = _object(_field(material, "publicKey", "verificationMaterial"), "publicKey")
-    _only_keys(public_key, ("hint",), "verificationMaterial.publicKey")
+    only_keys(material, ("publicKey", "tlogEntries"), "verificationMaterial")
+    public_key = json_object(
+        field_value(material, "publicKey", "verificationMaterial"), "publicKey"
+    )
+    only_keys(public_key, ("hint",), "verificationMaterial.publicKey")
     hint = ""
     if "hint" in public_key and public_key["hint"] is not None:
-        hint = _string(public_key, "hint", "verificationMaterial.publicKey")
+        hint = json_string(public_key, "hint", "verificationMaterial.publicKey")
     if "tlogEntries" in material:
         # Transparency log entries are not used for key-based verification.
-        _array(material["tlogEntries"], "verificationMaterial.tlogEntries")
+        json_array(material["tlogEntries"], "verificationMaterial.tlogEntries")
 
-    envelope = _object(_field(doc, "dsseEnvelope", "bundle"), "dsseEnvelope")
-    _only_keys(envelope, ("payload", "payloadType", "signatures"), "dsseEnvelope")
-    payload_type = _string(envelope, "payloadType", "dsseEnvelope")
+    envelope = json_object(field_value(doc, "dsseEnvelope", "bundle"), "dsseEnvelope")
+    only_keys(envelope, ("payload", "payloadType", "signatures"), "dsseEnvelope")
+    payload_type = json_string(envelope, "payloadType", "dsseEnvelope")
     if payload_type != IN_TOTO_PAYLOAD_TYPE:
         raise PayloadTypeError(
             f"DSSE payloadType is {payload_type!r}, expected {IN_TOTO_PAYLOAD_TYPE!r}"
         )
-    payload = _base64(_string(envelope, "payload", "dsseEnvelope"), "dsseEnvelope.payload")
-    raw_signatures = _array(_field(envelope, "signatures", "dsseEnvelope"), "signatures")
+    payload = base64_field(json_string(envelope, "payload", "dsseEnvelope"), "dsseEnvelope.payload")
+    raw_signatures = json_array(field_value(envelope, "signatures", "dsseEnvelope"), "signatures")
     if not raw_signatures:
         raise SignatureMissingError("the DSSE envelope holds no signatures")
     if len(raw_signatures) > MAX_SIGNATURES:
@@ -580,16 +397,16 @@ def _parse_bundle(data: bytes) -> _Envelope:
     signatures = []
     for index, raw in enumerate(raw_signatures):
         where = f"dsseEnvelope.signatures[{index}]"
-        entry = _object(raw, where)
-        _only_keys(entry, ("sig", "keyid"), where)
-        sig = _base64(_string(entry, "sig", where), f"{where}.sig")
+        entry = json_object(raw, where)
+        only_keys(entry, ("sig", "keyid"), where)
+        sig = base64_field(json_string(entry, "sig", where), f"{where}.sig")
         if not sig:
             raise SignatureMissingError(f"{where}.sig is empty")
         keyid = ""
         if "keyid" in entry and entry["keyid"] is not None:
-            keyid = _string(entry, "keyid", where)
+            keyid = json_string(entry, "keyid", where)
         if keyid and hint and keyid != hint:
-            _malformed(
+            malformed(
                 where, f"keyid {keyid!r} disagrees with the bundle's public key hint {hint!r}"
             )
         signatures.append((sig, keyid))
@@ -635,57 +452,59 @@ def _check_signature(envelope: _Envelope, trusted: Mapping[str, ec.EllipticCurve
 
 
 def _parse_statement(payload: bytes) -> tuple[dict[str, str], str, tuple[str, ...], bool]:
-    statement = _object(_load_json(payload, "signed statement", BundleMalformedError), "statement")
-    statement_type = _field(statement, "_type", "statement")
+    statement = json_object(
+        load_json(payload, "signed statement", BundleMalformedError), "statement"
+    )
+    statement_type = field_value(statement, "_type", "statement")
     if statement_type != IN_TOTO_STATEMENT_TYPE:
         raise StatementTypeError(
             f"statement _type is {statement_type!r}, expected {IN_TOTO_STATEMENT_TYPE!r}"
         )
-    predicate_type = _field(statement, "predicateType", "statement")
+    predicate_type = field_value(statement, "predicateType", "statement")
     if predicate_type != PREDICATE_TYPE:
         raise PredicateTypeError(
             f"statement predicateType is {predicate_type!r}, expected {PREDICATE_TYPE!r}"
         )
 
-    subjects = _array(_field(statement, "subject", "statement"), "statement.subject")
+    subjects = json_array(field_value(statement, "subject", "statement"), "statement.subject")
     if len(subjects) != 1:
         raise ManifestInconsistentError(
             f"statement.subject: expected exactly one subject, got {len(subjects)}"
         )
-    subject = _object(subjects[0], "statement.subject[0]")
-    model_name = _string(subject, "name", "statement.subject[0]")
-    subject_digest = _object(
-        _field(subject, "digest", "statement.subject[0]"), "statement.subject[0].digest"
+    subject = json_object(subjects[0], "statement.subject[0]")
+    model_name = json_string(subject, "name", "statement.subject[0]")
+    subject_digest = json_object(
+        field_value(subject, "digest", "statement.subject[0]"), "statement.subject[0].digest"
     )
     if "sha256" not in subject_digest:
         raise HashAlgorithmError(
             "statement.subject[0].digest has no sha256 digest "
             f"(has {', '.join(sorted(subject_digest)) or 'none'})"
         )
-    expected_root = _hex_digest(subject_digest["sha256"], "statement.subject[0].digest.sha256")
+    expected_root = hex_digest(subject_digest["sha256"], "statement.subject[0].digest.sha256")
 
-    predicate = _object(_field(statement, "predicate", "statement"), "predicate")
-    serialization_args = _object(
-        _field(predicate, "serialization", "predicate"), "predicate.serialization"
+    predicate = json_object(field_value(statement, "predicate", "statement"), "predicate")
+    serialization_args = json_object(
+        field_value(predicate, "serialization", "predicate"), "predicate.serialization"
     )
-    method = _field(serialization_args, "method", "predicate.serialization")
+    method = field_value(serialization_args, "method", "predicate.serialization")
     if method != SERIALIZATION_METHOD:
         raise SerializationUnsupportedError(
             f"predicate.serialization.method is {method!r}; only {SERIALIZATION_METHOD!r} "
             "(one digest per whole file) is supported"
         )
-    hash_type = _field(serialization_args, "hash_type", "predicate.serialization")
+    hash_type = field_value(serialization_args, "hash_type", "predicate.serialization")
     if hash_type != HASH_ALGORITHM:
         raise HashAlgorithmError(
             f"predicate.serialization.hash_type is {hash_type!r}; only {HASH_ALGORITHM!r} "
             "is supported"
         )
-    allow_symlinks = _field(serialization_args, "allow_symlinks", "predicate.serialization")
+    allow_symlinks = field_value(serialization_args, "allow_symlinks", "predicate.serialization")
     if not isinstance(allow_symlinks, bool):
-        _malformed("predicate.serialization.allow_symlinks", "expected a boolean")
+        malformed("predicate.serialization.allow_symlinks", "expected a boolean")
     ignore_paths: list[str] = []
     if "ignore_paths" in serialization_args:
-        raw_ignore = _array(
+        raw_ignore = json_array(
             serialization_args["ignore_paths"], "predicate.serialization.ignore_paths"
         )
         if len(raw_ignore) > MAX_IGNORE_PATHS:
@@ -698,7 +517,7 @@ def _parse_statement(payload: bytes) -> tuple[dict[str, str], str, tuple[str, ..
                 check_resource_name(path, f"predicate.serialization.ignore_paths[{index}]")
             )
 
-    resources = _array(_field(predicate, "resources", "predicate"), "predicate.resources")
+    resources = json_array(field_value(predicate, "resources", "predicate"), "predicate.resources")
     if len(resources) > MAX_RESOURCES:
         raise LimitExceededError(
             f"predicate.resources: {len(resources)} files, more than the {MAX_RESOURCES} accepted"
@@ -707,15 +526,15 @@ def _parse_statement(payload: bytes) -> tuple[dict[str, str], str, tuple[str, ..
     ordered: list[str] = []
     for index, raw in enumerate(resources):
         where = f"predicate.resources[{index}]"
-        resource = _object(raw, where)
-        name = check_resource_name(_field(resource, "name", where), f"{where}.name")
-        algorithm = _field(resource, "algorithm", where)
+        resource = json_object(raw, where)
+        name = check_resource_name(field_value(resource, "name", where), f"{where}.name")
+        algorithm = field_value(resource, "algorithm", where)
         if algorithm != HASH_ALGORITHM:
             raise HashAlgorithmError(
                 f"{where} ({name}): algorithm is {algorithm!r}; only {HASH_ALGORITHM!r} "
                 "is supported"
             )
-        digest = _hex_digest(_field(resource, "digest", where), f"{where}.digest")
+        digest = hex_digest(field_value(resource, "digest", where), f"{where}.digest")
         if name in files:
             raise DuplicateResourceError(f"{where}: {name!r} is listed more than once")
         if is_ignored(name, ignore_paths):
