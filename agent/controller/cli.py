@@ -417,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--count", type=int, metavar="N", help="stop after N redraws")
     watch.add_argument("--json", action="store_true", help="one JSON line per redraw")
     watch.set_defaults(func=run_watch)
+
+    from agent.controller.pki import add_pki_commands
+
+    add_pki_commands(sub)
     return parser
 
 
