@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from agent.common import durable
 from agent.errors import AgentError
 from agent.protocol.deployment import check_file_path
 from agent.protocol.topics import SCHEMA_VERSION, SHA256_HEX, encode_json, is_model_name
@@ -149,28 +150,12 @@ def check_model_version(name: str, version: int) -> None:
         raise StoreError(f"model version {version!r}: a positive integer")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path``, fsync, rename, fsync the directory."""
-    temp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    """``agent.common.durable.write_atomically``, creating the directory; StoreError on failure."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with temp.open("xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-        _fsync_dir(path.parent)
+        durable.write_atomically(path, data, mode=0o644)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            temp.unlink()
         raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
@@ -266,7 +251,7 @@ class ArtifactStore:
             else:
                 os.chmod(temp, 0o444)
                 os.replace(temp, target)
-                _fsync_dir(self.blobs)
+                durable.fsync_dir(self.blobs)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise StoreError(f"cannot copy {source} into the store: {reason}") from None

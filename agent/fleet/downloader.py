@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from agent.common.background import BackgroundThread, run_in_background
+from agent.common.durable import fsync_dir, write_atomically
 from agent.common.pacing import RateLimiter
 from agent.errors import AgentError
-from agent.fleet.state_store import fsync_dir, write_atomically
 from agent.protocol.deployment import DeploymentFile, DigestMismatchError
 
 log = logging.getLogger("agent.fleet.download")

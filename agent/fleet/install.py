@@ -24,7 +24,8 @@ import secrets
 import shutil
 from pathlib import Path
 
-from agent.fleet.state_store import JobRecord, fsync_dir, remove_temporaries, write_atomically
+from agent.common.durable import fsync_dir, fsync_tree, remove_temporaries, write_atomically
+from agent.fleet.state_store import JobRecord
 from agent.protocol.deployment import CONFIG_PATH, Deployment, from_record
 
 log = logging.getLogger("agent.fleet")
@@ -94,7 +95,7 @@ class Installer:
             # directory the repository scan ignores, then rename that in.
             incoming = model_dir / f".incoming-{target.name}-{secrets.token_hex(4)}"
             shutil.copytree(staged, incoming)
-            _fsync_tree(incoming)
+            fsync_tree(incoming)
             os.rename(incoming, target)
             self.remove_tree(staged)
         fsync_dir(model_dir)
@@ -201,14 +202,3 @@ class Installer:
     def empty(self, directory: Path) -> None:
         for entry in directory.iterdir():
             self.remove_tree(entry)
-
-
-def _fsync_tree(root: Path) -> None:
-    for directory, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(directory))

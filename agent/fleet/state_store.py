@@ -17,10 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from agent.common.durable import fsync_dir, remove_temporaries, write_atomically
+from agent.common.durable import remove_temporaries, write_atomically
 from agent.errors import AgentError
-
-__all__ = ["fsync_dir", "remove_temporaries", "write_atomically"]  # re-exported for the updater
 
 STATE_FILENAME: Final = "state.json"
 STATE_SCHEMA: Final = "edge.agent_state"

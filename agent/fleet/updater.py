@@ -31,6 +31,7 @@ import logging
 from typing import Any, Final, Generic
 
 from agent.common.buffers import release
+from agent.common.durable import write_atomically
 from agent.errors import AgentError
 from agent.fleet import lifecycle
 from agent.fleet.failures import JobFailure, failpoint
@@ -52,7 +53,7 @@ from agent.fleet.reports import Reporter, encode, job_log
 from agent.fleet.routing import Router
 from agent.fleet.settings import Topics, UpdaterSettings
 from agent.fleet.staging import download, same_files, verify_staged
-from agent.fleet.state_store import AgentState, JobRecord, write_atomically
+from agent.fleet.state_store import AgentState, JobRecord
 from agent.fleet.trust import Trust
 from agent.protocol.deployment import (
     MAX_MESSAGE_BYTES,

@@ -31,7 +31,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import secrets
 import stat
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.common.buffers import FileBytes, read_whole
+from agent.common.durable import write_atomically
 from agent.errors import VerificationError
 from agent.signing import oms
 from agent.signing.identity import (
@@ -444,23 +444,9 @@ def hash_version(
 
 def _write_atomically(directory: Path, name: str, data: bytes) -> Path:
     target = directory / name
-    temp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(temp, flags, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, target)
-        with _fd(os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)) as dir_fd:
-            os.fsync(dir_fd)
+        write_atomically(target, data, mode=0o644)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            temp.unlink()
         raise FileReadError(f"cannot write {target}: {exc.strerror}") from None
     return target
 
