@@ -347,9 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common()
 
     keygen = sub.add_parser("keygen", help="make the ECDSA P-256 deployment key pair")
-    keygen.add_argument("--out-dir", type=Path, required=True, metavar="DIR")
+    keygen.add_argument(
+        "--out-dir", type=Path, required=True, metavar="DIR", help="where the key pair goes"
+    )
     keygen.add_argument("--name", default="deployment", help="file name stem (default deployment)")
-    keygen.add_argument("--passphrase-file", type=Path, metavar="F")
+    keygen.add_argument(
+        "--passphrase-file", type=Path, metavar="F", help="encrypt the private key with this"
+    )
     keygen.set_defaults(func=run_keygen)
 
     publish = sub.add_parser(
@@ -358,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify a signed version directory and add it to the store "
         "(with a progress bar on stderr if it is a terminal)",
     )
-    publish.add_argument("version_dir", type=Path, metavar="VERSION_DIR")
+    publish.add_argument(
+        "version_dir", type=Path, metavar="VERSION_DIR", help="a signed version directory"
+    )
     publish.add_argument("--model", required=True, help="model name")
     publish.add_argument("--version", type=int, required=True, dest="version", help="version")
     publish.add_argument(
@@ -372,14 +378,18 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser(
         "deploy", parents=[common], help="sign a deployment and publish it to devices"
     )
-    deploy.add_argument("model", metavar="MODEL")
-    deploy.add_argument("version", type=int, metavar="VERSION")
+    deploy.add_argument("model", metavar="MODEL", help="a published model")
+    deploy.add_argument("version", type=int, metavar="VERSION", help="its published version")
     deploy.add_argument("--device", action="append", metavar="ID", help="deploy at once")
-    deploy.add_argument("--allow-downgrade", action="store_true")
+    deploy.add_argument(
+        "--allow-downgrade", action="store_true", help="allow a version below the active one"
+    )
     deploy.add_argument("--expires-in", type=int, metavar="S", help="validity (default 7 days)")
     deploy.add_argument("--probation", type=int, metavar="S", help="probation window seconds")
     deploy.add_argument("--key", type=Path, help="deployment private key (PEM)")
-    deploy.add_argument("--passphrase-file", type=Path, metavar="F")
+    deploy.add_argument(
+        "--passphrase-file", type=Path, metavar="F", help="passphrase of the deployment key"
+    )
     deploy.add_argument("--timeout", type=float, default=10.0, help="broker timeout seconds")
     add_rollout_options(deploy)
     deploy.set_defaults(func=run_deploy)
@@ -387,11 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
     rollout = sub.add_parser(
         "rollout", parents=[common], help="list, follow, pause, resume or abort staged rollouts"
     )
-    rollout.add_argument("action", choices=["list", "status", "pause", "resume", "abort"])
-    rollout.add_argument("rollout_id", nargs="?", metavar="ID")
-    rollout.add_argument("--json", action="store_true")
+    rollout.add_argument(
+        "action", choices=["list", "status", "pause", "resume", "abort"], help="what to do"
+    )
+    rollout.add_argument("rollout_id", nargs="?", metavar="ID", help="the rollout (not for list)")
+    rollout.add_argument("--json", action="store_true", help="JSON instead of a table")
     rollout.add_argument("--key", type=Path, help="deployment private key (PEM)")
-    rollout.add_argument("--passphrase-file", type=Path, metavar="F")
+    rollout.add_argument(
+        "--passphrase-file", type=Path, metavar="F", help="passphrase of the deployment key"
+    )
     rollout.add_argument("--timeout", type=float, default=10.0, help="broker timeout seconds")
     add_drive_options(rollout)
     rollout.set_defaults(func=run_rollout_command)
@@ -399,12 +413,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="serve chunks and follow device status")
     serve.add_argument("--max-chunk-bytes", type=int, help="largest chunk served (1 MiB)")
     serve.add_argument("--max-bytes-per-s", type=int, help="send at most this (0: no limit)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--log-format", default="json", choices=["json", "logfmt"])
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe level logged (info)",
+    )
+    serve.add_argument(
+        "--log-format", default="json", choices=["json", "logfmt"], help="log line format (json)"
+    )
     serve.set_defaults(func=run_serve)
 
     status = sub.add_parser("status", parents=[common], help="show what devices reported")
-    status.add_argument("device", nargs="?", metavar="DEVICE")
+    status.add_argument("device", nargs="?", metavar="DEVICE", help="one device in detail")
     status.add_argument("--group", metavar="G", help="only the devices of group G")
     status.add_argument("--json", action="store_true", help="all devices as JSON")
     status.set_defaults(func=run_status)

@@ -420,7 +420,9 @@ def add_rollout_options(parser: argparse.ArgumentParser) -> None:
 
 def add_drive_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detach", action="store_true", help="leave it to `serve`")
-    parser.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="status poll period (seconds)"
+    )
     parser.add_argument(
         "--max-wait", type=float, default=7 * 86400.0, metavar="S", help="stop following after S"
     )

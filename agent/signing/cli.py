@@ -236,7 +236,9 @@ def add_signing_commands(
         epilog=EXIT_CODE_HELP,
         formatter_class=formatter,
     )
-    keygen.add_argument("--out-dir", type=Path, required=True, metavar="DIR")
+    keygen.add_argument(
+        "--out-dir", type=Path, required=True, metavar="DIR", help="where the key pair goes"
+    )
     keygen.add_argument("--name", default="model-signing", help="file name stem")
     keygen.add_argument(
         "--passphrase-file",
@@ -262,8 +264,12 @@ def add_signing_commands(
         epilog=EXIT_CODE_HELP,
         formatter_class=formatter,
     )
-    sign.add_argument("version_dir", type=Path, metavar="VERSION_DIR")
-    sign.add_argument("--private-key", type=Path, required=True, metavar="K")
+    sign.add_argument(
+        "version_dir", type=Path, metavar="VERSION_DIR", help="the version directory to sign"
+    )
+    sign.add_argument(
+        "--private-key", type=Path, required=True, metavar="K", help="ECDSA P-256 private key (PEM)"
+    )
     _identity_arguments(sign, "write into identity.json")
     sign.add_argument(
         "--passphrase-file", type=Path, metavar="F", help="passphrase of an encrypted key"
@@ -284,7 +290,9 @@ def add_signing_commands(
         epilog=EXIT_CODE_HELP,
         formatter_class=formatter,
     )
-    verify.add_argument("version_dir", type=Path, metavar="VERSION_DIR")
+    verify.add_argument(
+        "version_dir", type=Path, metavar="VERSION_DIR", help="the version directory to check"
+    )
     _identity_arguments(verify, "required in identity.json")
     trust = verify.add_mutually_exclusive_group(required=True)
     trust.add_argument("--public-key", type=Path, metavar="P", help="trust this PEM public key")
