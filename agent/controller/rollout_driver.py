@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.controller import rollout as ro
 from agent.controller.deploy import MAX_DEVICES, IssuedDeployment, issue_deployment
 from agent.controller.envelopes import PublishedEnvelopes
-from agent.controller.store import ArtifactStore, StoreError, write_atomically
+from agent.controller.store import ArtifactStore, write_atomically
 from agent.mqtt.client import MqttClient
 from agent.protocol.topics import desired_topic
 
@@ -333,10 +333,6 @@ class RolloutDriver:
         await self._publish(issued)
         log.warning("rollout rolled back", extra={"rollout": rid, "devices": len(ids)})
         return state
-
-
-def store_error_text(exc: StoreError | ro.RolloutError) -> str:
-    return f"{getattr(exc, 'code', '')}: {exc}"
 
 
 def owner_id(label: str) -> str:

@@ -230,28 +230,6 @@ def _message(entry: Mapping[str, Any], kind: str) -> dict[str, Any]:
     return {}
 
 
-def summary_line(entry: Mapping[str, Any]) -> str:
-    """One line per device for ``edge-controller status``."""
-    reported = _message(entry, "reported")
-    job = _message(entry, "jobs") or reported.get("job") or {}
-    models = reported.get("models") or {}
-    active = ",".join(
-        f"{name}:{info.get('active_version')}"
-        for name, info in sorted(models.items())
-        if isinstance(info, dict)
-    )
-    online = reported.get("online")
-    seen = entry.get("last_seen")
-    seen_text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seen)) if seen else "-"
-    return (
-        f"{entry.get('device', '?'):<24} "
-        f"{'online' if online else 'offline' if online is False else '?':<8} "
-        f"{active or '-':<32} "
-        f"{job.get('phase', '-')}/{job.get('status', '-'):<24} "
-        f"{seen_text}"
-    )
-
-
 def unverified_lines(status: Mapping[str, Any]) -> list[str]:
     """For ``edge-controller status``: the unverified messages of the status file, if any."""
     record = status.get("unverified")
