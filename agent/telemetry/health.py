@@ -46,6 +46,8 @@ class ModelSnapshot:
     in_flight: int  # requests queued or running
     queue_depth: int  # requests waiting for a worker
     last_inference_ms: int
+    compute_input_ns: int = 0  # successful requests' share of their runs' input copies
+    compute_output_ns: int = 0
 
     @property
     def key(self) -> tuple[str, str, float]:
@@ -90,6 +92,8 @@ def snapshot_models(
                 in_flight=m.scheduler.in_flight,
                 queue_depth=m.scheduler.queued(),
                 last_inference_ms=s.last_inference_ms,
+                compute_input_ns=s.compute_input.ns,
+                compute_output_ns=s.compute_output.ns,
             )
         )
     return out

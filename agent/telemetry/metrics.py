@@ -23,6 +23,7 @@ from prometheus_client.metrics_core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    UnknownMetricFamily,
 )
 from prometheus_client.registry import Collector
 
@@ -131,6 +132,52 @@ def _model_metrics(models: list[ModelSnapshot]) -> Iterator[Metric]:
         loaded.add_metric(lv, m.activated_at)
     yield from (requests, inferences, executions, batches, queue_s, infer_s, latency,
                 in_flight, depth, active, loaded)
+    yield from _triton_metrics(models)
+
+
+# Triton's names for the same counters (its /metrics, labels model and version), so
+# that dashboards made for Triton work unchanged. Untyped, not counter: a counter
+# family would be exposed with a "_total" suffix, and Triton's names have none.
+# (name, help, ModelSnapshot field, divisor: ns -> us)
+_TRITON_COUNTERS: tuple[tuple[str, str, str, int], ...] = (
+    ("nv_inference_request_success", "Number of successful inference requests",
+     "success", 1),
+    ("nv_inference_request_failure", "Number of failed inference requests", "failure", 1),
+    ("nv_inference_count", "Number of inferences performed (batch elements)",
+     "inferences", 1),
+    ("nv_inference_exec_count", "Number of model executions (onnxruntime runs)",
+     "executions", 1),
+    ("nv_inference_request_duration_us",
+     "Cumulative duration of successful inference requests, microseconds", "success_ns", 1000),
+    ("nv_inference_queue_duration_us",
+     "Cumulative time successful requests spent queued, microseconds", "queue_ns", 1000),
+    ("nv_inference_compute_input_duration_us",
+     "Cumulative input preparation time of successful requests, microseconds",
+     "compute_input_ns", 1000),
+    ("nv_inference_compute_infer_duration_us",
+     "Cumulative model execution time of successful requests, microseconds",
+     "compute_infer_ns", 1000),
+    ("nv_inference_compute_output_duration_us",
+     "Cumulative output extraction time of successful requests, microseconds",
+     "compute_output_ns", 1000),
+)
+
+
+def _triton_metrics(models: list[ModelSnapshot]) -> Iterator[Metric]:
+    labels = ["model", "version"]
+    for name, doc, attr, divisor in _TRITON_COUNTERS:
+        family = UnknownMetricFamily(name, doc, labels=labels)
+        for m in models:
+            value: int = getattr(m, attr)
+            family.add_metric([m.name, m.version], value // divisor if divisor > 1 else value)
+        yield family
+    pending = GaugeMetricFamily(
+        "nv_inference_pending_request_count",
+        "Requests received and not yet executing (queued)", labels=labels,
+    )
+    for m in models:
+        pending.add_metric([m.name, m.version], m.queue_depth)
+    yield pending
 
 
 _DRIFT_METRICS = (
