@@ -308,16 +308,18 @@ def test_start_up_serves_in_directory_weights_and_refuses_every_escape(tmp_path:
         assert index["tabular_classifier:2"] == ("READY", "")
 
 
+@pytest.mark.parametrize("policy", ["latest", "all"])
 def test_reload_refuses_an_escaping_version_and_the_old_one_keeps_serving(
-    tmp_path: Path,
+    tmp_path: Path, policy: str
 ) -> None:
     repo = tmp_path / "models"
     outside = tmp_path / "outside.bin"
     outside.write_bytes(OUTSIDE.tobytes())
     _version(repo, "good", 1, "weights.bin")
-    # Every version served: with the default (the latest only) a refused version 2
-    # would retire version 1 by policy, not because of this check.
-    (repo / "good" / "config.pbtxt").write_text("version_policy: { all: {} }\n")
+    # With the default policy (the latest only) the refused version 2 is the policy's
+    # choice: version 1 must keep serving all the same.
+    if policy == "all":
+        (repo / "good" / "config.pbtxt").write_text("version_policy: { all: {} }\n")
     with AgentProcess(_config(tmp_path, repo)) as agent:
         agent.wait_serving()
         np.testing.assert_array_equal(_infer(agent.address, "good"), X @ W)

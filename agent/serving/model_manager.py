@@ -487,8 +487,9 @@ class ModelManager:
             )
             if current is not None:
                 self._retire(current)
-        # A pinned version that did not come up does not take the old one down.
-        keep = pin is not None and not any(v in serving for v in wanted)
+        # A version that did not come up (a pin, or the policy's choice that failed its
+        # checks) does not take down what serves: a refused version disturbs nothing.
+        keep = not any(v in serving for v in wanted)
         for version in [v for v in serving if v not in wanted and not keep]:
             self._retire(serving.pop(version))
             states.pop(version, None)
