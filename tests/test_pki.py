@@ -342,6 +342,13 @@ def test_the_crl_lists_what_was_revoked(tmp_path: Path) -> None:
     assert crl.get_revoked_certificate_by_serial_number(kept) is None
     assert "revoked" in ok("list", "--dir", str(directory))
     assert pki("revoke", "--dir", str(directory), "dev-a").returncode == 1  # already
+    # Rotation: a second certificate for dev-b, then only the old one is revoked.
+    ok("device", "--dir", str(directory), "dev-b")
+    new = _cert(directory / "devices" / "dev-b.crt").serial_number
+    ok("revoke", "--dir", str(directory), "dev-b", "--serial", format(kept, "x"))
+    crl = x509.load_pem_x509_crl((directory / "crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(kept) is not None
+    assert crl.get_revoked_certificate_by_serial_number(new) is None
 
 
 def test_mosquitto_needs_a_broker_certificate(tmp_path: Path) -> None:

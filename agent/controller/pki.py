@@ -264,16 +264,25 @@ class Pki:
 
     # -- revoking -----------------------------------------------------------
 
-    def revoke(self, common_name: str, crl_days: int = DEFAULT_CRL_DAYS) -> list[str]:
-        """Revoke every unrevoked certificate with this CN; returns their serials (hex)."""
+    def revoke(
+        self, common_name: str, crl_days: int = DEFAULT_CRL_DAYS, serial: str | None = None
+    ) -> list[str]:
+        """Revoke every unrevoked certificate with this CN (only ``serial``, hex, if given:
+        the old certificate of a rotation); returns the serials revoked."""
         stamp = _now().isoformat()
         serials = []
+        wanted = None if serial is None else serial.lower().removeprefix("0x").lstrip("0")
         for entry in self._entries:
+            if wanted is not None and entry["serial"].lstrip("0") != wanted:
+                continue
             if entry["common_name"] == common_name and entry["revoked_at"] is None:
                 entry["revoked_at"] = stamp
                 serials.append(entry["serial"])
         if not serials:
-            raise PkiError(f"no unrevoked certificate with CN {common_name!r} in {self.index_path}")
+            which = f" and serial {serial}" if serial else ""
+            raise PkiError(
+                f"no unrevoked certificate with CN {common_name!r}{which} in {self.index_path}"
+            )
         self._save_index()
         self.write_crl(crl_days)
         return serials
@@ -465,7 +474,7 @@ def _run(args: argparse.Namespace) -> int:
             _print_issued(_pki(args).issue_device(args.device_id, args.days), "device")
         elif action == "revoke":
             pki = _pki(args)
-            serials = pki.revoke(args.common_name, args.crl_days)
+            serials = pki.revoke(args.common_name, args.crl_days, args.serial)
             print(f"revoked {args.common_name} (serial {', '.join(serials)}); CRL {pki.crl_path}")
             print(
                 "now refresh the broker: `edge-controller pki mosquitto --out DIR ...` again, "
@@ -588,6 +597,11 @@ def add_pki_commands(sub: Any) -> None:
         help="revoke every certificate with this CN and re-sign the CRL",
     )
     revoke.add_argument("common_name", metavar="CN", help="a device id or controller CN")
+    revoke.add_argument(
+        "--serial",
+        metavar="HEX",
+        help="only this certificate (`pki list`), e.g. the old one after a rotation",
+    )
     actions.add_parser("crl", parents=[where, crl_days], help="re-sign the CRL (before it expires)")
     actions.add_parser("list", parents=[where], help="every certificate issued, revoked or not")
 
