@@ -29,6 +29,7 @@ from agent.serving.dataplane import DataPlane
 from agent.serving.grpc_server import HealthReporter, TlsFiles, build_server
 from agent.serving.model_manager import UNAVAILABLE, LoadSettings, ModelManager, ModelReader
 from agent.serving.onnx_runtime import SessionOptions, share_thread_pools
+from agent.serving.optimizer import OptimizingReader
 from agent.system.notify import Notifier
 from agent.system.watchdog import Run, Watchdog, start_watchdog
 from agent.telemetry.publisher import TelemetryService
@@ -149,7 +150,8 @@ class Agent:
             execution=config.runtime.execution,
             inline_threshold_us=config.runtime.inline_threshold_us,
         )
-        reader = make_reader(config)
+        # Versions with a signed optimize.json may serve a faster verified variant.
+        reader = OptimizingReader(make_reader(config), Path(config.state.dir), settings.session)
         self.models = ModelManager(
             Path(config.repository.path), reader, settings, self._models_changed
         )

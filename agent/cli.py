@@ -73,6 +73,36 @@ EXIT_CODES_EPILOG = """exit status:
      (relative paths resolve against the working directory; the message names the key)"""
 
 
+def _optimize(args: argparse.Namespace) -> int:
+    import json
+
+    from agent.app import make_reader, read_config
+    from agent.serving.onnx_runtime import SessionOptions
+    from agent.serving.optimizer import OptimizingReader, describe
+
+    try:
+        config = read_config(args.config)
+        rt = config.runtime
+        options = SessionOptions(
+            rt.intra_op_threads, rt.inter_op_threads, rt.graph_optimization,
+            rt.execution_providers,
+        )
+        reader = OptimizingReader(make_reader(config), Path(config.state.dir), options)
+        version_dir = Path(config.repository.path) / args.model / str(args.version)
+        if not reader.opted_in(version_dir):
+            print(f"edge-agent: {version_dir} has no signed optimize.json", file=sys.stderr)
+            return EXIT_FAILURE
+        outcome = reader.optimize(version_dir, rebuild=args.rebuild)
+    except ConfigError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AgentError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(outcome.record.summary()) if args.json else describe(outcome))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
@@ -120,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
         "meant for another machine)",
     )
     check.set_defaults(func=_check_config)
+
+    opt = sub.add_parser(
+        "optimize",
+        help="prepare and check this device's faster variants of a model version",
+        description="Build the variants a version's signed optimize.json allows (graph, "
+        "int8), keep one only if it reproduces the signed validation vectors and is faster "
+        "here; the agent serves it from its next load of the version (docs/optimize.md).",
+    )
+    opt.add_argument("model")
+    opt.add_argument("version", type=int)
+    opt.add_argument("--config", type=Path)
+    opt.add_argument("--rebuild", action="store_true", help="decide again, ignoring the store")
+    opt.add_argument("--json", action="store_true", help="print the summary as JSON")
+    opt.set_defaults(func=_optimize)
 
     add_signing_commands(sub)
     add_telemetry_commands(sub)

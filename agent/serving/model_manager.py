@@ -279,6 +279,17 @@ class ModelManager:
         manager's from now on, to serve or to free.
         """
         handed: dict[str, OnnxSession] = {}  # version -> prepared, until _sync_model takes it
+        # A reader that may hand out an on-device variant (optimizer.OptimizingReader)
+        # must read the version itself: the validation session runs the original.
+        own_read = getattr(self._reader, "opted_in", None)
+        if (
+            prepared is not None
+            and version is not None
+            and own_read is not None
+            and own_read(self.root / name / str(version))
+        ):
+            self.free(prepared)
+            prepared = None
         if prepared is not None and version is not None and self._can_serve(prepared):
             handed[str(version)] = prepared
         elif prepared is not None:

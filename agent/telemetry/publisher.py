@@ -259,6 +259,8 @@ class TelemetryService:
             "models": models_health(snaps, st.last_health, interval),
             # Versions and repository entries that are not serving, with the reason.
             "unavailable": self.models.unavailable(),
+            # On-device variants (agent/serving/optimizer.py): which serves, gain, error.
+            "optimizations": _optimizations(self._reader, snaps),
             "telemetry": self._telemetry_counters(),
         }
         st.last_health = {(s.name, s.version): s for s in snaps}
@@ -450,6 +452,12 @@ class TelemetryService:
 
     def pending(self) -> list[Entry]:
         return self.outbox.pending(10_000) if self.outbox else []
+
+
+def _optimizations(reader: object, snaps: list[Any]) -> list[dict[str, Any]]:
+    reports = getattr(reader, "optimization_reports", None)
+    found = [] if reports is None else list(reports([(s.name, s.version) for s in snaps]))
+    return found[:32]  # bounded like the rest of the message
 
 
 def _model_drift(
