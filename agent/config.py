@@ -41,11 +41,14 @@ DEFAULTS: dict[str, Any] = {
         # stops the systemd watchdog pings (0: never).
         "stall_timeout_s": 60.0,
         "max_concurrent_streams": 0,  # 0: unlimited
+        # "system": local clients may register POSIX shared-memory regions (/dev/shm)
+        # for tensors (Triton's system shared memory extension); "off": refused.
+        "shared_memory": "off",
     },
     "repository": {
         "path": "models",
         "model_control": "none",  # "none" or "explicit" (enables load/unload RPCs)
-        "startup_models": [],  # with explicit control: models to load at start ([]: all)
+        "startup_models": [],  # with explicit control: models to load at start ([]: none)
     },
     # The repository control RPCs (RepositoryModelLoad / RepositoryModelUnload), apart
     # from serving: off unless enabled (and repository.model_control = "explicit").
@@ -171,6 +174,7 @@ _SCHEMA: dict[str, Any] = {
                 "drain_timeout_s": {"type": "number", "minimum": 0, "maximum": 3600},
                 "stall_timeout_s": {"type": "number", "minimum": 0, "maximum": 86400},
                 "max_concurrent_streams": {"type": "integer", "minimum": 0},
+                "shared_memory": {"enum": ["off", "system"]},
             },
         },
         "repository": {
@@ -320,6 +324,7 @@ class ServerConfig:
     drain_timeout_s: float
     stall_timeout_s: float
     max_concurrent_streams: int
+    shared_memory: str = "off"
 
 
 @dataclass(frozen=True, slots=True)

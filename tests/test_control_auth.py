@@ -31,6 +31,7 @@ def _start(tmp: Path, **sections: Any) -> AgentProcess:
         make_repository(repo, {MODEL: (scale_and_echo_model(), None)})
     config = serving_config(tmp, repo, **sections)
     config["repository"]["model_control"] = "explicit"
+    config["repository"]["startup_models"] = [MODEL]  # explicit control loads none by default
     agent = AgentProcess(write_toml(tmp / "agent.toml", config))
     try:
         agent.wait_serving()

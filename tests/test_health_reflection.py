@@ -87,7 +87,8 @@ def test_per_model_health_follows_unload_and_load(
     tmp = tmp_path_factory.mktemp("health_explicit")
     config = agent_config(
         tmp,
-        repository={"path": str(EXAMPLE_MODELS), "model_control": "explicit"},
+        repository={"path": str(EXAMPLE_MODELS), "model_control": "explicit",
+                    "startup_models": ["text_features", "tabular_classifier"]},
         control={"enabled": True},  # the load/unload RPCs (unauthenticated here)
         state={"dir": str(tmp / "state")},
         telemetry={"prometheus_address": ""},  # no fixed port shared between agents

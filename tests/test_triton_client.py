@@ -160,7 +160,8 @@ def explicit_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentPr
     tmp = tmp_path_factory.mktemp("explicit")
     config = agent_config(
         tmp,
-        repository={"path": str(EXAMPLE_MODELS)},
+        # Explicit model control loads only the startup models (none by default).
+        repository={"path": str(EXAMPLE_MODELS), "startup_models": [TABULAR, TEXT, ALL]},
         state={"dir": str(tmp / "state")},
         telemetry={"prometheus_address": ""},  # no fixed port shared between agents
         control={"enabled": True},  # the load/unload RPCs (unauthenticated here)

@@ -16,16 +16,20 @@ from agent.errors import (
     QueueFullError,
     ServerUnavailableError,
 )
+from agent.serving.classification import classify
 from agent.serving.control_auth import ControlCaller, ControlPolicy
 from agent.serving.inference import (
     DecodedRequest,
     InferenceRequest,
     InferenceResponse,
+    OutputTensor,
     decode_request,
+    wire_output_shape,
 )
 from agent.serving.model_manager import UNAVAILABLE, ModelManager, ServingModel
 from agent.serving.repository import check_model_name
 from agent.serving.scheduler import Completed
+from agent.serving.shared_memory import RegionStatus, SharedMemoryRegistry
 from agent.wire import model_config_pb2 as mc
 
 SERVER_NAME = "edge-agent"
@@ -36,6 +40,8 @@ EXTENSIONS = (
     "model_configuration",
     "statistics",
     "binary_tensor_data",
+    "classification",
+    "system_shared_memory",
 )
 
 
@@ -87,6 +93,7 @@ class DataPlane:
         self.accepting = False  # set once start-up loading is done; cleared on drain
         self.observe: RequestObserver | None = None
         self.control = ControlPolicy()  # who may load and unload (default: nobody)
+        self.shared_memory = SharedMemoryRegistry(enabled=False)  # server.shared_memory
 
     # -- health and metadata ----------------------------------------------
 
@@ -165,6 +172,56 @@ class DataPlane:
                 "(set repository.model_control = \"explicit\" in the agent config)"
             )
 
+    # -- system shared memory ----------------------------------------------
+
+    def shm_register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self.shared_memory.register(name, key, offset, byte_size)
+
+    def shm_unregister(self, name: str) -> None:
+        self.shared_memory.unregister(name)
+
+    def shm_status(self, name: str) -> list[RegionStatus]:
+        return self.shared_memory.status(name)
+
+    def _read_shared_inputs(self, request: InferenceRequest) -> None:
+        for tensor in request.inputs:
+            ref = tensor.shm
+            if ref is None:
+                continue
+            if tensor.raw is not None or tensor.typed:
+                raise InvalidInputError(
+                    f"input '{tensor.name}': data given both in shared memory and in the request"
+                )
+            tensor.raw = self.shared_memory.read(
+                f"input '{tensor.name}'", ref.region, ref.offset, ref.byte_size
+            )
+
+    def _finish_outputs(
+        self, model: ServingModel, request: InferenceRequest, batch_size: int,
+        outputs: list[OutputTensor],
+    ) -> list[OutputTensor]:
+        """Reshaped outputs to their config dims, classification, shared memory."""
+        spec = model.spec
+        options = request.output_options or {}
+        by_name = {o.name: o for o in spec.outputs}
+        done = []
+        for out in outputs:
+            out.shape = wire_output_shape(spec, out.name, out.shape)
+            option = options.get(out.name)
+            if option is not None and option.class_count:
+                out = classify(
+                    out, by_name[out.name], option.class_count, batch_size,
+                    spec.max_batch_size > 0,
+                )
+            if option is not None and option.shm is not None:
+                ref = option.shm
+                self.shared_memory.write(
+                    f"output '{out.name}'", ref.region, ref.offset, ref.byte_size, out.raw
+                )
+                out = OutputTensor(out.name, out.datatype, out.shape, b"", True)
+            done.append(out)
+        return done
+
     # -- inference ---------------------------------------------------------
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
@@ -176,10 +233,15 @@ class DataPlane:
         model = self.models.resolve(request.model_name, request.model_version)
         stats = model.stats
         try:
+            if request.shared_memory_inputs:
+                self._read_shared_inputs(request)
             decoded = decode_request(model.spec, request)
             if request.deadline is not None and time.monotonic() >= request.deadline:
                 raise DeadlineExceededError("the request's deadline passed before it was queued")
             done = await model.scheduler.submit(decoded, request.deadline)
+            outputs = done.outputs
+            if request.output_options or model.spec.reshaped_outputs:
+                outputs = self._finish_outputs(model, request, decoded.batch_size, outputs)
         except BaseException as exc:
             stats.record_failure(
                 time.perf_counter_ns() - started, not isinstance(exc, _CLIENT_CAUSED)
@@ -191,5 +253,5 @@ class DataPlane:
         if self.observe is not None:
             self.observe(model, decoded, done)
         return InferenceResponse(
-            model.spec.name, model.spec.version, request.request_id, done.outputs
+            model.spec.name, model.spec.version, request.request_id, outputs
         )

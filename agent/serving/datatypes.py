@@ -69,7 +69,7 @@ def as_text(name: str, index: int, data: bytes) -> str:
         ) from None
 
 
-def decode_bytes_tensor(name: str, raw: bytes, count: int) -> npt.NDArray[np.object_]:
+def decode_bytes_tensor(name: str, raw: bytes | memoryview, count: int) -> npt.NDArray[np.object_]:
     """Split length-prefixed BYTES elements into text; exactly ``count`` must fill ``raw``."""
     out = np.empty(count, dtype=np.object_)
     view = memoryview(raw)

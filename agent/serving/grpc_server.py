@@ -17,11 +17,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agent.errors import AgentError, InvalidInputError
+from agent.errors import AgentError, InvalidInputError, PermissionDeniedError
 from agent.serving.control_auth import ControlCaller
 from agent.serving.dataplane import DataPlane
 from agent.serving.grpc_status import status_for
-from agent.serving.inference import InferenceRequest, InferenceResponse, InputTensor
+from agent.serving.inference import (
+    InferenceRequest,
+    InferenceResponse,
+    InputTensor,
+    OutputOptions,
+    SharedMemoryRef,
+)
 from agent.serving.model_manager import ServingModel
 from agent.wire import grpc_service_pb2 as pb
 from agent.wire import grpc_service_pb2_grpc as pb_grpc
@@ -46,6 +52,51 @@ _TYPED_FIELD = {
 _STREAM_WINDOW = 64  # stream requests in flight at once per stream
 
 _monotonic = time.monotonic
+_LOCAL_PEERS = ("unix:", "ipv4:127.", "ipv6:[::1]", "ipv6:[::ffff:127.")
+
+
+def _int_parameter(what: str, key: str, value: Any) -> int:
+    kind = value.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidInputError(f"{what}: parameter '{key}' must be an integer")
+    number = int(getattr(value, kind))
+    if number < 0:
+        raise InvalidInputError(f"{what}: parameter '{key}' must be >= 0")
+    return number
+
+
+def _shared_memory_ref(what: str, parameters: Any) -> SharedMemoryRef | None:
+    """The tensor's place in shared memory, if its parameters name a region."""
+    region = parameters.get("shared_memory_region")
+    if region is None:
+        return None
+    if region.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidInputError(f"{what}: parameter 'shared_memory_region' must be a string")
+    size = parameters.get("shared_memory_byte_size")
+    if size is None:
+        raise InvalidInputError(
+            f"{what}: 'shared_memory_region' needs the parameter 'shared_memory_byte_size'"
+        )
+    offset = parameters.get("shared_memory_offset")
+    return SharedMemoryRef(
+        region.string_param,
+        0 if offset is None else _int_parameter(what, "shared_memory_offset", offset),
+        _int_parameter(what, "shared_memory_byte_size", size),
+    )
+
+
+def _output_options(msg: pb.ModelInferRequest) -> dict[str, OutputOptions] | None:
+    options: dict[str, OutputOptions] = {}
+    for out in msg.outputs:
+        if not out.parameters:
+            continue
+        what = f"output '{out.name}'"
+        count = out.parameters.get("classification")
+        options[out.name] = OutputOptions(
+            shm=_shared_memory_ref(what, out.parameters),
+            class_count=0 if count is None else _int_parameter(what, "classification", count),
+        )
+    return options or None
 
 
 def request_from_wire(msg: pb.ModelInferRequest, time_remaining: float | None) -> InferenceRequest:
@@ -55,6 +106,7 @@ def request_from_wire(msg: pb.ModelInferRequest, time_remaining: float | None) -
             f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs"
         )
     inputs = []
+    shared = False
     for i, tensor in enumerate(msg.inputs):
         typed = None
         if tensor.HasField("contents"):
@@ -65,16 +117,28 @@ def request_from_wire(msg: pb.ModelInferRequest, time_remaining: float | None) -
                     "contents; use raw_input_contents"
                 )
             typed = getattr(tensor.contents, field)
+        shm = (
+            _shared_memory_ref(f"input '{tensor.name}'", tensor.parameters)
+            if tensor.parameters else None
+        )
         inputs.append(
             InputTensor(
                 tensor.name,
                 tensor.datatype,
                 tuple(tensor.shape),
-                raw[i] if raw else None,
+                raw[i] if raw and shm is None else None,
                 typed,
+                shm,
             )
         )
-        if raw and typed is not None and len(typed) == 0:
+        if shm is not None:
+            shared = True
+            if raw and len(raw[i]):
+                raise InvalidInputError(
+                    f"input '{tensor.name}': data given both in shared memory and in "
+                    "raw_input_contents"
+                )
+        if (raw or shm is not None) and typed is not None and len(typed) == 0:
             inputs[-1].typed = None  # an empty contents message carries nothing
     return InferenceRequest(
         model_name=msg.model_name,
@@ -83,6 +147,8 @@ def request_from_wire(msg: pb.ModelInferRequest, time_remaining: float | None) -
         inputs=inputs,
         requested_outputs=[o.name for o in msg.outputs] or None,
         deadline=None if time_remaining is None else _monotonic() + time_remaining,
+        output_options=_output_options(msg) if msg.outputs else None,
+        shared_memory_inputs=shared,
     )
 
 
@@ -219,6 +285,43 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(status_for(exc), str(exc))
         return pb.RepositoryModelUnloadResponse()
 
+    async def SystemSharedMemoryStatus(
+        self, request: Any, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        try:
+            regions = self._plane.shm_status(request.name)
+        except AgentError as exc:
+            await context.abort(status_for(exc), str(exc))
+        Status = pb.SystemSharedMemoryStatusResponse.RegionStatus
+        return pb.SystemSharedMemoryStatusResponse(
+            regions={
+                r.name: Status(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size)
+                for r in regions
+            }
+        )
+
+    async def SystemSharedMemoryRegister(
+        self, request: Any, context: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        try:
+            _require_local(context)
+            self._plane.shm_register(
+                request.name, request.key, request.offset, request.byte_size
+            )
+        except AgentError as exc:
+            await context.abort(status_for(exc), str(exc))
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: Any, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        try:
+            _require_local(context)
+            self._plane.shm_unregister(request.name)
+        except AgentError as exc:
+            await context.abort(status_for(exc), str(exc))
+        return pb.SystemSharedMemoryUnregisterResponse()
+
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
         try:
             response = await self._plane.infer(
@@ -273,6 +376,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+
+
+def _require_local(context: Any) -> None:
+    # Shared memory is only meaningful on this host; a remote peer naming /dev/shm
+    # objects could read or overwrite another local program's memory.
+    peer = context.peer() or ""
+    if not peer.startswith(_LOCAL_PEERS):
+        raise PermissionDeniedError(
+            f"system shared memory is only for clients on this host (peer {peer})"
+        )
 
 
 @dataclass(slots=True)

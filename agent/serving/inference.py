@@ -22,13 +22,32 @@ from agent.serving.model_config import ModelSpec, TensorSpec
 Array = np.ndarray[Any, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class SharedMemoryRef:
+    """A tensor's place in a registered shared memory region (its parameters
+    shared_memory_region / shared_memory_offset / shared_memory_byte_size)."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
 @dataclass(slots=True)
 class InputTensor:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    raw: bytes | None = None  # raw_input_contents entry
+    raw: bytes | memoryview | None = None  # raw_input_contents entry, or shared memory
     typed: Sequence[Any] | None = None  # InferTensorContents values, if sent that way
+    shm: SharedMemoryRef | None = None  # data in shared memory (resolved into raw)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputOptions:
+    """What a request asked of one output beyond its values."""
+
+    shm: SharedMemoryRef | None = None  # write it into shared memory
+    class_count: int = 0  # > 0: the classification extension's top-k strings
 
 
 @dataclass(slots=True)
@@ -38,6 +57,8 @@ class InferenceRequest:
     request_id: str
     inputs: list[InputTensor]
     requested_outputs: list[str] | None = None  # None: every output
+    output_options: dict[str, OutputOptions] | None = None
+    shared_memory_inputs: bool = False  # some input's data is in shared memory
     deadline: float | None = None  # time.monotonic() seconds; None: no deadline
 
 
@@ -47,6 +68,7 @@ class OutputTensor:
     datatype: str
     shape: tuple[int, ...]
     raw: bytes
+    in_shared_memory: bool = False  # written into the region the request named
 
 
 @dataclass(slots=True)
@@ -87,6 +109,8 @@ def decode_request(spec: ModelSpec, request: InferenceRequest) -> DecodedRequest
                     f"{batch_size}"
                 )
             batch_size = batch
+        if expected.reshape is not None:
+            array = array.reshape(((batch,) if spec.max_batch_size > 0 else ()) + expected.reshape)
         feeds[tensor.name] = array
     missing = [s.name for s in spec.inputs if s.name not in feeds and not s.optional]
     if missing:
@@ -141,6 +165,8 @@ def _check_shape(spec: ModelSpec, expected: TensorSpec, shape: tuple[int, ...]) 
             )
         rest = shape[1:]
     else:
+        if expected.reshape == () and shape in ((), (1,)):
+            return 0  # a rank-0 model input: sent as [1] (perf_analyzer) or as the scalar
         if len(shape) != len(dims):
             raise InvalidInputError(
                 f"input '{name}': shape {list(shape)} has rank {len(shape)}, model expects "
@@ -226,3 +252,16 @@ def _decode_tensor(
     else:
         array = np.asarray(typed, dtype=NUMPY_DTYPES[tensor.datatype])
     return array.reshape(tensor.shape), batch
+
+
+def wire_output_shape(spec: ModelSpec, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """An output's shape as the client sees it: its config dims when it has a reshape."""
+    out = next((o for o in spec.outputs if o.name == name), None)
+    if out is None or out.reshape is None:
+        return shape
+    lead = shape[:1] if spec.max_batch_size > 0 else ()
+    dims = list(out.dims)
+    if -1 in dims:
+        known = math.prod(d for d in dims if d != -1) or 1
+        dims[dims.index(-1)] = math.prod(shape[len(lead):]) // known
+    return (*lead, *dims)

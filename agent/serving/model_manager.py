@@ -27,7 +27,14 @@ from typing import Any
 from agent.common.background import call_in_background
 from agent.common.buffers import FileBytes, release
 from agent.errors import AgentError, ModelConfigError, ModelNotFoundError, ModelNotReadyError
-from agent.serving.model_config import ModelSpec, complete_config, model_spec, parse_config_pbtxt
+from agent.serving.classification import read_labels
+from agent.serving.model_config import (
+    ModelSpec,
+    complete_config,
+    model_spec,
+    parse_config_pbtxt,
+    warmup_samples,
+)
 from agent.serving.onnx_runtime import (
     OnnxSession,
     SessionOptions,
@@ -171,7 +178,15 @@ def _load_blocking(
         declared, model.name, session.inputs, session.outputs, settings.default_instance_count,
         settings.max_instance_count,
     )
-    spec = model_spec(config, str(version), settings.default_max_queue_size)
+    spec = model_spec(
+        config, str(version), settings.default_max_queue_size, read_labels(model.path, config)
+    )
+    for warm_name, count, feeds in warmup_samples(spec, config):  # config.pbtxt model_warmup
+        for _ in range(count):
+            try:
+                session.run([t.name for t in session.outputs], feeds)
+            except Exception as exc:  # as Triton: a failing warm-up fails the load
+                raise ModelConfigError(f"model_warmup '{warm_name}' failed: {exc}") from exc
     return _Loaded(spec, config, session, fingerprint)
 
 

@@ -265,7 +265,11 @@ class OnnxSession:
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelConfigError(f"onnxruntime cannot load the model: {exc}") from exc
         self.inputs = tuple(_graph_tensor(n) for n in self._session.get_inputs())
-        self.outputs = tuple(_graph_tensor(n) for n in self._session.get_outputs())
+        # Non-tensor outputs (sequences, maps: an ONNX-ML classifier's probabilities)
+        # cannot go on the wire; they are left out and never asked for.
+        self.outputs = tuple(
+            _graph_tensor(n) for n in self._session.get_outputs() if n.type.startswith("tensor(")
+        )
         self._run = self._session.run
 
     def run(

@@ -395,6 +395,14 @@ def test_model_spec_takes_batching_and_queue_policy() -> None:
     assert all(g.kind == mc.ModelInstanceGroup.KIND_CPU for g in config.instance_group)
 
 
+def test_dynamic_batching_completes_max_batch_size_as_triton() -> None:
+    assert complete("dynamic_batching { }").max_batch_size == 4  # default-max-batch-size
+    fixed = [GraphTensor("x", "FP32", (2, 4))]
+    with pytest.raises(ModelConfigError, match="dynamic_batching needs max_batch_size"):
+        complete_config(parse_config_pbtxt("dynamic_batching { }", "c"), "m", fixed,
+                        [GraphTensor("y", "FP32", (2, 4))], 1)
+
+
 @pytest.mark.parametrize(
     ("text", "fragments"),
     [
@@ -411,7 +419,6 @@ def test_model_spec_takes_batching_and_queue_policy() -> None:
         ('max_batch_size: 2\ninput [ { name: "x" dims: [ 5 ] } ]',
          ["input 'x'", "[5]", "[4]", "batch dimension"]),
         ('input [ { name: "x" reshape: { shape: [ 4 ] } } ]', ["input 'x'", "reshape"]),
-        ("dynamic_batching { }", ["dynamic_batching", "max_batch_size"]),
         ("max_batch_size: 4\ndynamic_batching { preferred_batch_size: [ 8 ] }",
          ["preferred_batch_size 8", "1..max_batch_size (4)"]),
         ("instance_group [ { kind: KIND_GPU } ]", ["KIND_GPU"]),
