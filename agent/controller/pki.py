@@ -478,7 +478,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"revoked {args.common_name} (serial {', '.join(serials)}); CRL {pki.crl_path}")
             print(
                 "now refresh the broker: `edge-controller pki mosquitto --out DIR ...` again, "
-                "then restart mosquitto"
+                "then reload mosquitto (SIGHUP: `systemctl reload mosquitto`)"
             )
         elif action == "crl":
             print(f"CRL {_pki(args).write_crl(args.crl_days)}")
