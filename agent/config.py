@@ -70,6 +70,11 @@ DEFAULTS: dict[str, Any] = {
         "default_instance_count": 1,
         "default_max_queue_size": 1024,
         "max_instance_count": 0,  # per model (threads); 0: 4 per CPU, at least 8
+        # Where runs happen: "worker" threads, "inline" on the event loop, or "auto":
+        # inline while a model's runs are shorter than a thread hop (per model:
+        # config.pbtxt parameters { key: "execution" value { string_value: ... } }).
+        "execution": "auto",
+        "inline_threshold_us": 0,  # auto: the run time below which inline; 0: measured hop
     },
     "state": {
         "dir": "state",
@@ -223,6 +228,8 @@ _SCHEMA: dict[str, Any] = {
                 "default_instance_count": {"type": "integer", "minimum": 1, "maximum": 256},
                 "default_max_queue_size": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
                 "max_instance_count": {"type": "integer", "minimum": 0, "maximum": 1024},
+                "execution": {"enum": ["auto", "inline", "worker"]},
+                "inline_threshold_us": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
             },
         },
         "state": {
@@ -375,6 +382,8 @@ class RuntimeConfig:
     default_instance_count: int
     default_max_queue_size: int
     max_instance_count: int = 0
+    execution: str = "auto"
+    inline_threshold_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,8 @@ MAX_BURSTS = 3  # a loaded host may split a burst; retry it (bounded) until it b
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     tmp = tmp_path_factory.mktemp("isolation")
     repo = make_repository(tmp / "models", isolation_models())
-    config = serving_config(tmp, repo, runtime={"intra_op_threads": 1})
+    # Worker threads: batches form only there (tests/test_inline_execution.py).
+    config = serving_config(tmp, repo, runtime={"intra_op_threads": 1, "execution": "worker"})
     agent = AgentProcess(write_toml(tmp / "agent.toml", config))
     try:
         agent.wait_serving()

@@ -105,7 +105,10 @@ def slow() -> SlowModel:
 
 def _start(tmp: Path, models: dict[str, tuple[bytes, str | None]], **sections: Any) -> AgentProcess:
     repo = make_repository(tmp / "models", models)
-    config = serving_config(tmp, repo, runtime={"intra_op_threads": 1}, **sections)
+    # Worker threads: batches form only there (a model shorter than a thread hop
+    # would otherwise run inline, one request at a time; tests/test_inline_execution.py).
+    runtime = {"intra_op_threads": 1, "execution": "worker"}
+    config = serving_config(tmp, repo, runtime=runtime, **sections)
     agent = AgentProcess(write_toml(tmp / "agent.toml", config))
     try:
         agent.wait_serving()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,7 +51,15 @@ from agent.serving.repository import (
     scan_repository_entries,
     select_versions,
 )
-from agent.serving.scheduler import Scheduler, make_scheduler
+from agent.serving.scheduler import (
+    AUTO,
+    EXECUTION_MODES,
+    INLINE,
+    Execution,
+    Scheduler,
+    handoff_ns,
+    make_scheduler,
+)
 from agent.serving.stats import ModelStats
 from agent.wire import model_config_pb2 as mc
 
@@ -71,6 +80,17 @@ class LoadSettings:
     default_instance_count: int
     default_max_queue_size: int
     max_instance_count: int = 0  # 0: model_config.default_max_instances()
+    execution: str = AUTO  # auto | inline | worker (config.pbtxt parameter "execution" wins)
+    inline_threshold_us: int = 0  # auto: runs shorter than this are inline; 0: handoff_ns()
+
+# config.pbtxt: parameters { key: "execution" value { string_value: "inline" } }
+EXECUTION_PARAMETER = "execution"
+WARM_UP_TIMED_RUNS = 7
+WARM_UP_TIMED_BUDGET_NS = 50_000_000  # a slow model: fewer timed runs
+# How long a load waits for the first warm-up run before calling the model slow (far
+# above any thread hop); the run itself goes on in the background, so a model that
+# takes seconds per run does not hold up the load.
+FIRST_RUN_WAIT_S = 0.05
 
 
 @dataclass(slots=True)
@@ -127,17 +147,78 @@ class _Loaded:
     config: mc.ModelConfig
     session: OnnxSession
     fingerprint: tuple[tuple[str, int, int], ...]
+    execution: Execution
 
 
-def _warm_up(session: OnnxSession, name: str, version: int) -> None:
-    # The first run allocates; doing it now keeps it off the first request's latency.
+def _first_run(session: OnnxSession, names: list[str], feeds: dict[str, Any]) -> bool:
+    """Run once, waiting at most ``FIRST_RUN_WAIT_S``; False if it is still running
+    (it finishes on its own thread). Its failure is raised here."""
+    failed: list[BaseException] = []
+    done = threading.Event()
+
+    def body() -> None:
+        try:
+            session.run(names, feeds)
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=body, name="warm-up", daemon=True).start()
+    if not done.wait(FIRST_RUN_WAIT_S):
+        return False
+    if failed:
+        raise failed[0]
+    return True
+
+
+def _warm_up(session: OnnxSession, name: str, version: int, timed_runs: int = 0) -> int | None:
+    """Run once on zeros (the first run allocates: not on the first request's latency),
+    then up to ``timed_runs`` more; their median in ns (None: not measured).
+
+    When timing, a first run that outlasts ``FIRST_RUN_WAIT_S`` is not waited for:
+    the model is that slow at least.
+    """
+    names = [t.name for t in session.outputs]
     try:
-        session.run([t.name for t in session.outputs], zero_inputs(session.inputs))
+        feeds = zero_inputs(session.inputs)
+        if not timed_runs:
+            session.run(names, feeds)
+        elif not _first_run(session, names, feeds):
+            return int(FIRST_RUN_WAIT_S * 1e9)
+        took: list[int] = []
+        spent = 0
+        while len(took) < timed_runs and spent < WARM_UP_TIMED_BUDGET_NS:
+            start = time.perf_counter_ns()
+            session.run(names, feeds)
+            took.append(time.perf_counter_ns() - start)
+            spent += took[-1]
+        return sorted(took)[len(took) // 2] if took else None
     except Exception as exc:  # a model may refuse zeros; that is not a load failure
         log.info(
             "warm-up run failed (not an error)",
             extra={"model": name, "version": version, "reason": str(exc)[:200]},
         )
+        return None
+
+
+def _execution_mode(declared: mc.ModelConfig, settings: LoadSettings, where: str) -> str:
+    unknown = sorted(k for k in declared.parameters if k != EXECUTION_PARAMETER)
+    if unknown:
+        raise ModelConfigError(
+            f"{where}: parameter(s) {', '.join(unknown)} not supported by edge-agent "
+            f"(the one model parameter it reads is '{EXECUTION_PARAMETER}')"
+        )
+    param = declared.parameters.get(EXECUTION_PARAMETER)
+    if param is None:
+        return settings.execution
+    mode = param.string_value.strip().lower()
+    if mode not in EXECUTION_MODES:
+        raise ModelConfigError(
+            f"{where}: parameter '{EXECUTION_PARAMETER}' must be one of "
+            f"{', '.join(EXECUTION_MODES)}, not '{param.string_value}'"
+        )
+    return mode
 
 
 def _load_blocking(
@@ -147,6 +228,7 @@ def _load_blocking(
     settings: LoadSettings,
     warm_up: bool = False,
     prepared: OnnxSession | None = None,
+    threshold_ns: int = 0,
 ) -> _Loaded:
     version_dir = model.path / str(version)
     declared = (
@@ -172,7 +254,12 @@ def _load_blocking(
                 session = OnnxSession(model_bytes, settings.session)
         finally:
             release(model_bytes)  # a large model's: in pieces, here off the loop
-    if warm_up:
+    mode = _execution_mode(declared, settings, f"{model.path / 'config.pbtxt'}")
+    measured: int | None = None
+    if mode == AUTO:
+        # Where it runs follows its run time: measured now, on zeros.
+        measured = _warm_up(session, model.name, version, WARM_UP_TIMED_RUNS)
+    elif warm_up or mode == INLINE:  # an inline model's first run is on the loop otherwise
         _warm_up(session, model.name, version)
     config = complete_config(
         declared, model.name, session.inputs, session.outputs, settings.default_instance_count,
@@ -187,7 +274,7 @@ def _load_blocking(
                 session.run([t.name for t in session.outputs], feeds)
             except Exception as exc:  # as Triton: a failing warm-up fails the load
                 raise ModelConfigError(f"model_warmup '{warm_name}' failed: {exc}") from exc
-    return _Loaded(spec, config, session, fingerprint)
+    return _Loaded(spec, config, session, fingerprint, Execution(mode, threshold_ns, measured))
 
 
 class ModelManager:
@@ -470,6 +557,7 @@ class ModelManager:
                     continue
             states[version] = VersionState(LOADING)
             session = prepared.pop(version, None) if prepared else None
+            threshold_ns = self._settings.inline_threshold_us * 1000 or await handoff_ns()
             try:
                 loaded = await asyncio.to_thread(
                     _load_blocking,
@@ -479,6 +567,7 @@ class ModelManager:
                     self._settings,
                     warm_up,
                     session,
+                    threshold_ns,
                 )
             except Exception as exc:  # one version's failure, whatever it is, is its own
                 if session is not None:
@@ -498,7 +587,7 @@ class ModelManager:
             serving[version] = ServingModel(
                 loaded.spec,
                 loaded.config,
-                make_scheduler(loaded.spec, loaded.session, stats),
+                make_scheduler(loaded.spec, loaded.session, stats, loaded.execution),
                 stats,
                 loaded.fingerprint,
             )
@@ -509,6 +598,11 @@ class ModelManager:
                     "model": model.name,
                     "version": version,
                     "loaded_from": "validation session" if session is not None else "repository",
+                    "execution": "inline" if serving[version].scheduler.inline else "worker",
+                    "execution_mode": loaded.execution.mode,
+                    "run_us": None if loaded.execution.initial_ns is None
+                    else round(loaded.execution.initial_ns / 1000, 1),
+                    "threshold_us": round(loaded.execution.threshold_ns / 1000, 1),
                 },
             )
             if current is not None:

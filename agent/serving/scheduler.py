@@ -1,4 +1,12 @@
-"""Runs validated requests on a model's onnxruntime session, off the event loop.
+"""Runs validated requests on a model's onnxruntime session.
+
+Where a run happens is decided per model (``Execution``): a model whose runs
+are shorter than handing a request to a thread and back (the hop, measured on
+this machine by ``handoff_ns``) runs inline, on the event loop's thread,
+because the hop would cost more than the work; every other model runs on its
+worker threads, off the loop. In ``auto`` mode the choice follows an EWMA of
+the model's measured run times (seeded by its warm-up runs at load), so a model
+that turns slow moves off the loop by itself, and back when it is fast again.
 
 Two schedulers share one worker function:
 - ``DirectScheduler`` hands each request to the model's thread pool (one thread
@@ -69,6 +77,70 @@ _INPUT_DEPENDENT = frozenset({"InvalidArgument", "Fail", "RuntimeException"})
 def _input_dependent(exc: BaseException) -> bool:
     cls = type(exc)
     return cls.__module__ == _ORT_STATE_MODULE and cls.__name__ in _INPUT_DEPENDENT
+
+
+AUTO = "auto"
+INLINE = "inline"
+WORKER = "worker"
+EXECUTION_MODES = (AUTO, INLINE, WORKER)
+
+_EWMA_WEIGHT = 0.25  # of the newest run: one run 4x over the threshold moves a model
+# Back inline only below half the threshold: a model near it does not flap.
+_BACK_INLINE = 0.75
+
+_handoff_cached: int | None = None
+
+
+def _nothing() -> None:
+    return None
+
+
+async def handoff_ns(rounds: int = 40) -> int:
+    """What handing a run to a worker thread and back costs here (median, ns).
+
+    Measured once per process, on the loop, through the same ``Workers`` path a
+    run takes (queue put, worker wake-up, ``LoopCalls`` back, the loop's wake-up
+    and the awaiting coroutine's resumption), with nothing to run: about two
+    milliseconds at the first load.
+    """
+    global _handoff_cached
+    if _handoff_cached is not None:
+        return _handoff_cached
+    loop = asyncio.get_running_loop()
+    workers = Workers(1, "handoff-probe")
+    samples = []
+    try:
+        for i in range(rounds + 5):
+            future: asyncio.Future[None] = loop.create_future()
+
+            def done(_r: Any, _e: BaseException | None, f: asyncio.Future[None] = future) -> None:
+                if not f.done():
+                    f.set_result(None)
+
+            start = _perf_ns()
+            workers.submit(_nothing, (), done)
+            await future
+            if i >= 5:  # the first ones pay for starting the thread
+                samples.append(_perf_ns() - start)
+    finally:
+        workers.shutdown()
+    samples.sort()
+    _handoff_cached = samples[len(samples) // 2]
+    return _handoff_cached
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """Where a model's runs happen: ``mode`` auto | inline | worker.
+
+    ``threshold_ns``: in auto mode, runs (EWMA) shorter than this are inline.
+    ``initial_ns``: the model's measured run time at load (None: unknown, start
+    on the workers and learn from the runs there).
+    """
+
+    mode: str = WORKER
+    threshold_ns: int = 0
+    initial_ns: int | None = None
 
 
 class _BatchRunFailed(InferenceFailedError):
@@ -258,7 +330,13 @@ class Workers:
 class Scheduler:
     """Common bookkeeping: the worker threads, in-flight count, drain."""
 
-    def __init__(self, spec: ModelSpec, session: OnnxSession, stats: ModelStats) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        session: OnnxSession,
+        stats: ModelStats,
+        execution: Execution = Execution(),
+    ) -> None:
         self.spec = spec
         self.session = session
         self.stats = stats
@@ -269,6 +347,54 @@ class Scheduler:
         # Worker thread -> when its current onnxruntime run began (stall detection).
         self._runs_started: dict[int, float] = {}
         self._runs_lock = threading.Lock()
+        self.execution = execution
+        self._auto = execution.mode == AUTO
+        self._threshold = float(execution.threshold_ns)
+        self.run_ewma_ns = float(execution.initial_ns or 0)
+        # Read on every request: a plain attribute, changed only on the loop thread.
+        self.inline = execution.mode == INLINE or (
+            self._auto
+            and execution.initial_ns is not None
+            and execution.initial_ns < execution.threshold_ns
+        )
+        self.moves = 0  # times auto mode changed where the model runs
+
+    def _observe(self, t: ExecutionTimings) -> None:
+        """Loop thread, after each run: follow its run time; in auto mode, move the
+        model between the loop and its workers when the EWMA crosses the threshold."""
+        if not self._auto:
+            return
+        run_ns = t.input_ns + t.infer_ns + t.output_ns
+        ewma = self.run_ewma_ns
+        ewma += _EWMA_WEIGHT * (run_ns - ewma)
+        self.run_ewma_ns = ewma
+        if self.inline:
+            if ewma > self._threshold:
+                self._move(False)
+        elif ewma < self._threshold * _BACK_INLINE:
+            self._move(True)
+
+    def _move(self, inline: bool) -> None:
+        self.inline = inline
+        self.moves += 1
+        # Rare (hysteresis between the two sides), so worth a line in the log.
+        log.info(
+            "model execution moved",
+            extra={
+                "model": self.spec.name,
+                "version": self.spec.version,
+                "execution": INLINE if inline else WORKER,
+                "run_us": round(self.run_ewma_ns / 1000, 1),
+                "threshold_us": round(self._threshold / 1000, 1),
+            },
+        )
+
+    def _run_inline(self, decoded: DecodedRequest) -> Completed:
+        """On the loop thread: the whole run, now (the caller checked the deadline)."""
+        done = run_batch(self.session, (decoded,), (_perf_ns(),), self.spec.name)[0]
+        self.stats.record_execution(done.timings)
+        self._observe(done.timings)
+        return done
 
     async def submit(self, decoded: DecodedRequest, deadline: float | None) -> Completed:
         raise NotImplementedError
@@ -321,8 +447,14 @@ class Scheduler:
 class DirectScheduler(Scheduler):
     """One request per onnxruntime run, up to ``instance_count`` at a time."""
 
-    def __init__(self, spec: ModelSpec, session: OnnxSession, stats: ModelStats) -> None:
-        super().__init__(spec, session, stats)
+    def __init__(
+        self,
+        spec: ModelSpec,
+        session: OnnxSession,
+        stats: ModelStats,
+        execution: Execution = Execution(),
+    ) -> None:
+        super().__init__(spec, session, stats, execution)
         self._limit = spec.instance_count + spec.max_queue_size
 
     def _run_one(
@@ -333,6 +465,8 @@ class DirectScheduler(Scheduler):
         return self._execute((decoded,), (enqueued_ns,))[0]
 
     async def submit(self, decoded: DecodedRequest, deadline: float | None) -> Completed:
+        if self.inline:
+            return self._run_inline(decoded)
         if self.in_flight >= self._limit:
             raise QueueFullError(
                 f"model '{self.spec.name}' has {self.in_flight} requests queued or running "
@@ -361,6 +495,7 @@ class DirectScheduler(Scheduler):
         if exc is None:
             assert done is not None
             self.stats.record_execution(done.timings)
+            self._observe(done.timings)
         if future.done():  # the caller went away
             return
         if exc is None:
@@ -382,6 +517,7 @@ class _Pending:
     enqueued_ns: int
     future: asyncio.Future[Completed]
     signature: tuple[Any, ...]
+    alone: bool  # nothing else of the model was queued or running when it came
 
 
 def _batch_signature(decoded: DecodedRequest) -> tuple[Any, ...]:
@@ -399,8 +535,14 @@ class DynamicBatcher(Scheduler):
     worker's. Outcomes come back in bursts through ``Workers.post``.
     """
 
-    def __init__(self, spec: ModelSpec, session: OnnxSession, stats: ModelStats) -> None:
-        super().__init__(spec, session, stats)
+    def __init__(
+        self,
+        spec: ModelSpec,
+        session: OnnxSession,
+        stats: ModelStats,
+        execution: Execution = Execution(),
+    ) -> None:
+        super().__init__(spec, session, stats, execution)
         assert spec.batching is not None
         self._queue: deque[_Pending] = deque()
         self._queued_batch = 0  # samples in _queue
@@ -425,6 +567,10 @@ class DynamicBatcher(Scheduler):
             )
         if self._closed:
             raise RuntimeError("cannot schedule new work after shutdown")
+        # Nothing else of this model queued or running: nobody to batch with now.
+        alone = self.in_flight == 0
+        if alone and self.inline:
+            return self._run_inline(decoded)
         if self._default_timeout_s:
             own = _monotonic() + self._default_timeout_s
             deadline = own if deadline is None else min(deadline, own)
@@ -432,7 +578,7 @@ class DynamicBatcher(Scheduler):
         if not self.workers.running:
             self.workers.start(self._work)
         pending = _Pending(
-            decoded, deadline, _perf_ns(), loop.create_future(), _batch_signature(decoded)
+            decoded, deadline, _perf_ns(), loop.create_future(), _batch_signature(decoded), alone
         )
         self._begin()
         try:
@@ -536,7 +682,14 @@ class DynamicBatcher(Scheduler):
                 cond.wait()
             # The oldest request waits at most the queue delay for a preferred batch,
             # unless waiting has been gathering nothing (see _worth_waiting).
-            if self._queued_batch < self._target and self._delay_ns and self._worth_waiting():
+            # A request that came when nothing else was queued or running runs at
+            # once: dynamic batching never makes a lone client wait for company.
+            if (
+                self._queued_batch < self._target
+                and self._delay_ns
+                and not (queue[0].alone and len(queue) == 1)
+                and self._worth_waiting()
+            ):
                 queued_before = len(queue)
                 while self._queued_batch < self._target and not self._closed:
                     left_ns = queue[0].enqueued_ns + self._delay_ns - _perf_ns()
@@ -653,12 +806,18 @@ class DynamicBatcher(Scheduler):
         else:
             assert results is not None
             self.stats.record_execution(results[0].timings)
+            self._observe(results[0].timings)
             for p, result in zip(items, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)
 
 
-def make_scheduler(spec: ModelSpec, session: OnnxSession, stats: ModelStats) -> Scheduler:
+def make_scheduler(
+    spec: ModelSpec,
+    session: OnnxSession,
+    stats: ModelStats,
+    execution: Execution = Execution(),
+) -> Scheduler:
     if spec.batching is not None and spec.max_batch_size > 1:
-        return DynamicBatcher(spec, session, stats)
-    return DirectScheduler(spec, session, stats)
+        return DynamicBatcher(spec, session, stats, execution)
+    return DirectScheduler(spec, session, stats, execution)
