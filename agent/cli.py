@@ -69,8 +69,17 @@ def _check_config(args: argparse.Namespace) -> int:
 EXIT_CODES_EPILOG = """exit status:
   0  success (check-config: serve would start with this config)
   1  a failure other than the configuration (e.g. a model that cannot be served)
-  2  a configuration error: the config file, a flag, or a path or file it names
-     (relative paths resolve against the working directory; the message names the key)"""
+  2  a configuration error: the config file, a flag (bad arguments too), or a path
+     or file it names (relative paths resolve against the working directory; the
+     message names the key)
+(sign and verify have their own codes: see their --help)"""
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from agent.app import read_config
+    from agent.batch.command import run_batch
+
+    return run_batch(args, read_config)
 
 
 def _optimize(args: argparse.Namespace) -> int:
@@ -103,13 +112,6 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _batch(args: argparse.Namespace) -> int:
-    from agent.app import read_config
-    from agent.batch.command import run_batch
-
-    return run_batch(args, read_config)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
@@ -134,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model-control", choices=["none", "explicit"], help="allow load/unload RPCs"
     )
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="overrides logging.level"
+    )
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser(

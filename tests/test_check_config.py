@@ -150,3 +150,23 @@ def test_an_unreadable_repository_is_refused_for_the_service_user() -> None:
         pytest.skip(f"the checkout is not readable by nobody: {result.stderr[-200:]}")
     assert result.returncode == 2, result.stderr
     assert "repository.path" in result.stderr and "cannot be read" in result.stderr
+
+
+def test_controller_missing_trust_dir_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    # The controller's relative default (models/keys/trusted) from a directory without it.
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.controller.cli", "publish",
+         str(REPO_ROOT / "models" / "tabular_classifier" / "2"), "--model",
+         "tabular_classifier", "--version", "2", "--store", str(tmp_path / "store")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "signing.trust_dir" in result.stderr
+    assert str(tmp_path / "models" / "keys" / "trusted") in result.stderr
+    assert "working directory" in result.stderr
+    help_text = subprocess.run(
+        [sys.executable, "-m", "agent.controller.cli", "--help"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+    ).stdout
+    assert "exit status" in help_text and "2  a configuration error" in help_text

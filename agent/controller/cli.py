@@ -21,6 +21,13 @@ EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_CONFIG: Final = 2
 EXIT_NOT_FOUND: Final = 3
+EXIT_CODES_EPILOG: Final = """exit status:
+  0  success
+  1  a failure other than the configuration (e.g. the broker cannot be reached)
+  2  a configuration error: the config file, a flag (bad arguments too), or a path or
+     file it names (relative paths resolve against the working directory; the message
+     names the key)
+  3  what was asked for does not exist (a device, a published version, a rollout)"""
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -84,13 +91,12 @@ def run_keygen(args: argparse.Namespace) -> int:
 def run_publish(args: argparse.Namespace) -> int:
     from agent.controller.progress import ByteProgress
     from agent.controller.store import ArtifactStore
-    from agent.signing.keys import TrustStore
 
     # Only for a person watching: a pipe or a file (scripts, logs) gets no bar.
     bar = ByteProgress(sys.stderr, f"{args.model} v{args.version}") if sys.stderr.isatty() else None
     try:
         config = _config(args)
-        trust = TrustStore.from_directory(config.trust_dir)
+        trust = _trust_store(config)
         manifest = ArtifactStore(config.store_dir).publish(
             args.version_dir,
             args.model,
@@ -111,6 +117,21 @@ def run_publish(args: argparse.Namespace) -> int:
         f"signed by {manifest.signed_by}"
     )
     return EXIT_OK
+
+
+def _trust_store(config: ControllerConfig) -> Any:
+    """The model-signing trust store; a missing or empty one is a config error (exit 2)."""
+    from agent.signing.keys import TrustStore, TrustStoreError
+    from agent.startup_checks import resolved
+
+    try:
+        return TrustStore.from_directory(config.trust_dir)
+    except TrustStoreError as exc:
+        raise ConfigError(
+            f"{config.source}: key 'signing.trust_dir' (--trust-dir): "
+            f"{resolved(str(config.trust_dir))}: {exc}; copy the model-signing public keys "
+            "(*.pem) there, or point the key at them"
+        ) from None
 
 
 async def _publish_deployment(
@@ -341,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edge-controller",
         description="Fleet controller for edge-agent: publish signed model versions, sign and "
         "send deployments, serve model chunks over MQTT, follow device status.",
+        epilog=EXIT_CODES_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"edge-controller {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
