@@ -251,6 +251,10 @@ class DataPlane:
             time.perf_counter_ns() - started, done.queue_ns, decoded.batch_size, done.timings
         )
         if self.observe is not None:
+            if request.shared_memory_inputs:
+                # Drift sampling may keep the feeds: not views of memory the client
+                # rewrites and may unregister.
+                decoded.feeds = {k: v.copy() for k, v in decoded.feeds.items()}
             self.observe(model, decoded, done)
         return InferenceResponse(
             model.spec.name, model.spec.version, request.request_id, outputs

@@ -101,12 +101,21 @@ def _output_options(msg: pb.ModelInferRequest) -> dict[str, OutputOptions] | Non
 
 def request_from_wire(msg: pb.ModelInferRequest, time_remaining: float | None) -> InferenceRequest:
     raw = msg.raw_input_contents
-    if raw and len(raw) != len(msg.inputs):
+    refs = [
+        _shared_memory_ref(f"input '{t.name}'", t.parameters) if t.parameters else None
+        for t in msg.inputs
+    ]
+    in_shm = sum(r is not None for r in refs)
+    # raw_input_contents holds one entry per input, or (as tritonclient sends it)
+    # one per input that is not in shared memory, in order.
+    positional = len(raw) == len(msg.inputs)
+    if raw and not positional and len(raw) != len(msg.inputs) - in_shm:
         raise InvalidInputError(
             f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs"
+            + (f" ({in_shm} in shared memory)" if in_shm else "")
         )
     inputs = []
-    shared = False
+    next_raw = 0
     for i, tensor in enumerate(msg.inputs):
         typed = None
         if tensor.HasField("contents"):
@@ -117,27 +126,28 @@ def request_from_wire(msg: pb.ModelInferRequest, time_remaining: float | None) -
                     "contents; use raw_input_contents"
                 )
             typed = getattr(tensor.contents, field)
-        shm = (
-            _shared_memory_ref(f"input '{tensor.name}'", tensor.parameters)
-            if tensor.parameters else None
-        )
+        shm = refs[i]
+        data = None
+        if raw and positional:
+            data = raw[i]
+            if shm is not None and len(data):
+                raise InvalidInputError(
+                    f"input '{tensor.name}': data given both in shared memory and in "
+                    "raw_input_contents"
+                )
+        elif raw and shm is None:
+            data = raw[next_raw]
+            next_raw += 1
         inputs.append(
             InputTensor(
                 tensor.name,
                 tensor.datatype,
                 tuple(tensor.shape),
-                raw[i] if raw and shm is None else None,
+                None if shm is not None else data,
                 typed,
                 shm,
             )
         )
-        if shm is not None:
-            shared = True
-            if raw and len(raw[i]):
-                raise InvalidInputError(
-                    f"input '{tensor.name}': data given both in shared memory and in "
-                    "raw_input_contents"
-                )
         if (raw or shm is not None) and typed is not None and len(typed) == 0:
             inputs[-1].typed = None  # an empty contents message carries nothing
     return InferenceRequest(
@@ -148,7 +158,7 @@ def request_from_wire(msg: pb.ModelInferRequest, time_remaining: float | None) -
         requested_outputs=[o.name for o in msg.outputs] or None,
         deadline=None if time_remaining is None else _monotonic() + time_remaining,
         output_options=_output_options(msg) if msg.outputs else None,
-        shared_memory_inputs=shared,
+        shared_memory_inputs=in_shm > 0,
     )
 
 
