@@ -290,3 +290,53 @@ def test_tampered_or_unsigned_model_is_refused(tmp_path: Path) -> None:
     ok = _batch(allowing, src, out, "--allow-unsigned")
     assert ok.returncode == 0, ok.stderr
     assert pq.read_table(out).num_rows == 100
+
+
+def test_job_file_runs_like_the_command_line(signed, tmp_path: Path) -> None:
+    _repo_dir, config = signed
+    x = _features(1_500)
+    src = _parquet(tmp_path / "in.parquet", x)
+    out = tmp_path / "scores.jsonl"
+    job = tmp_path / "nightly.toml"
+    job.write_text(
+        f'model = "{MODEL}"\ninput = "{src}"\noutput = "{out}"\nconfig = "{config}"\n'
+        'keep = ["id"]\noutputs = ["label"]\nbatch_size = 500\nprogress = "none"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "batch", "--job", str(job)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(1_500)) and set(rows[0]) == {"id", "label"}
+    np.testing.assert_array_equal([r["label"] for r in rows], _reference(x).argmax(axis=1))
+    job.write_text(job.read_text() + "bacth_size = 3\n")
+    bad = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "batch", "--job", str(job)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and "unknown key 'bacth_size'" in bad.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_batch_template_verifies_and_is_hardened(tmp_path: Path) -> None:
+    entry_point = Path(sys.executable).with_name("edge-agent")
+    service = (REPO_ROOT / "systemd" / "edge-agent-batch@.service").read_text()
+    assert service.count("ExecStart=/usr/local/bin/edge-agent batch --job ") == 1
+    assert "\nMemoryDenyWriteExecute=" not in service  # onnxruntime needs W+X pages
+    unit = tmp_path / "edge-agent-batch@nightly.service"
+    unit.write_text(service.replace("/usr/local/bin/edge-agent", str(entry_point)))
+    timer = tmp_path / "edge-agent-batch@nightly.timer"
+    shutil.copy(REPO_ROOT / "systemd" / "edge-agent-batch@.timer", timer)
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit), str(timer)],
+                            capture_output=True, text=True, timeout=60)
+    problems = [line for line in (verify.stdout + verify.stderr).splitlines()
+                if "edge-agent-batch" in line]
+    assert verify.returncode == 0 and problems == [], problems
+    security = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
+                              capture_output=True, text=True, timeout=60)
+    import re
+
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
+    assert match is not None, security.stdout[-500:]
+    assert float(match.group(1)) <= 2.0
