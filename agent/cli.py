@@ -112,13 +112,6 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _batch(args: argparse.Namespace) -> int:
-    from agent.app import read_config
-    from agent.batch.command import run_batch
-
-    return run_batch(args, read_config)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
@@ -185,9 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_signing_commands(sub)
     add_telemetry_commands(sub)
-    from agent.batch.command import add_batch_parser  # light: argparse only
-
-    add_batch_parser(sub, _batch)
     from agent.batch.command import add_batch_parser  # light: argparse only
 
     add_batch_parser(sub, _batch)
