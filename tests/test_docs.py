@@ -2,9 +2,11 @@
 
 Every fenced ``sh`` block carries a marker on the line before it:
 
-- ``<!-- runnable -->``: the test runs it. Options after the word:
+- ``<!-- runnable -->``: the test runs it (a ``python`` block too, with the
+  venv's python). Options after the word:
   ``needs=agent`` (an ``edge-agent serve`` of the example models is running;
-  ``127.0.0.1:8001`` in the block is replaced by its address),
+  ``127.0.0.1:8001`` and ``127.0.0.1:9464`` in the block are replaced by its
+  gRPC and metrics addresses),
   ``needs=perf_analyzer`` (skipped where tests/run.sh has not unpacked it),
   ``timeout=S`` (default 120).
 - ``<!-- not-runnable: why -->``: the block needs what a test cannot have (root,
@@ -42,6 +44,9 @@ from tests.mqtt_broker import free_port
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 PERF_TOOLS = REPO_ROOT / ".venv" / "perf-tools" / "bin" / "perf_analyzer"
 DEFAULT_TIMEOUT_S = 120.0
+SHELL = {"sh", "bash", "shell", "console"}
+# perf_analyzer exits 0 when a concurrency level past the first never stabilised.
+FAILURE_TEXT = ("Failed to obtain stable measurement", "Traceback (most recent call last)")
 _FENCE = re.compile(r"^\s*```(\S*)\s*$")
 _MARKER = re.compile(r"^\s*<!--\s*(runnable|not-runnable)\b:?\s*(.*?)\s*-->\s*$")
 
@@ -54,6 +59,7 @@ class Block:
     text: str
     marker: str | None = None  # "runnable" | "not-runnable" | None
     options: dict[str, str] = field(default_factory=dict)
+    needs: set[str] = field(default_factory=set)
     reason: str = ""
 
     @property
@@ -79,9 +85,12 @@ def blocks(doc: Path) -> list[Block]:
         if marker is not None:
             block.marker = marker.group(1)
             if block.marker == "runnable":
-                block.options = dict(
-                    word.split("=", 1) for word in marker.group(2).split() if "=" in word
-                )
+                for word in marker.group(2).split():
+                    key, _, value = word.partition("=")
+                    if key == "needs":
+                        block.needs.add(value)
+                    else:
+                        block.options[key] = value
             else:
                 block.reason = marker.group(2)
         found.append(block)
@@ -94,8 +103,7 @@ def test_every_shell_block_is_marked() -> None:
         b.where
         for doc in DOCS
         for b in blocks(doc)
-        if b.lang in {"sh", "bash", "shell", "console"}
-        and (b.marker is None or (b.marker == "not-runnable" and not b.reason))
+        if b.lang in SHELL and (b.marker is None or (b.marker == "not-runnable" and not b.reason))
     ]
     assert unmarked == [], (
         "mark each shell block `<!-- runnable -->` (tests/test_docs.py runs it) or "
@@ -137,6 +145,7 @@ class Session:
         self.cwd = self.root
         self.groups: list[int] = []
         self.agent: AgentProcess | None = None
+        self.metrics_address = f"127.0.0.1:{free_port()}"
 
     def ensure_agent(self) -> str:
         if self.agent is None:
@@ -147,7 +156,7 @@ class Session:
                     "repository": {"path": str(self.root / "models")},
                     "signing": {"trust_dir": str(self.root / "models" / "keys" / "trusted")},
                     "state": {"dir": str(self.root / "docs-agent-state")},
-                    "telemetry": {"prometheus_address": ""},
+                    "telemetry": {"prometheus_address": self.metrics_address},
                 },
             )
             self.agent = AgentProcess(config).wait_serving()
@@ -155,21 +164,29 @@ class Session:
 
     def run(self, block: Block) -> None:
         text = block.text
-        if block.options.get("needs") == "agent":
+        if "agent" in block.needs:
             text = text.replace("127.0.0.1:8001", self.ensure_agent())
+            text = text.replace("127.0.0.1:9464", self.metrics_address)
         n = len(self.groups)
         script = self.root / f".block-{n}.sh"
         env_out = self.root / f".block-{n}.env"
         cwd_out = self.root / f".block-{n}.cwd"
         log = self.root / f".block-{n}.log"
-        # set -a: plain assignments are exported, so they reach the next block too.
-        script.write_text(
-            f"set -euo pipefail\nset -a\ntrap 'pwd > {cwd_out}; env -0 > {env_out}' EXIT\n{text}"
-        )
+        if block.lang == "python":
+            script = script.with_suffix(".py")
+            script.write_text(text)
+            command = [str(REPO_ROOT / ".venv" / "bin" / "python"), str(script)]
+        else:
+            # set -a: plain assignments are exported, so they reach the next block too.
+            script.write_text(
+                f"set -euo pipefail\nset -a\ntrap 'pwd > {cwd_out}; env -0 > {env_out}' EXIT\n"
+                f"{text}"
+            )
+            command = ["bash", str(script)]
         timeout = float(block.options.get("timeout", DEFAULT_TIMEOUT_S))
         with log.open("wb") as out:  # a file: a background child must not hold a pipe open
             proc = subprocess.Popen(
-                ["bash", str(script)],
+                command,
                 cwd=self.cwd,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
@@ -189,6 +206,8 @@ class Session:
             ) from None
         output = log.read_text(errors="replace")
         assert code == 0, f"{block.where}: exit {code}\n{block.text}\n--- output:\n{output[-6000:]}"
+        for failure in FAILURE_TEXT:  # tools that say they failed and exit 0
+            assert failure not in output, f"{block.where}: {failure!r}\n--- output:\n{output}"
         if env_out.exists():
             pairs = [p.split("=", 1) for p in env_out.read_text().split("\0") if "=" in p]
             self.env = {k: v for k, v in pairs if k not in {"_", "SHLVL", "OLDPWD", "PWD"}}
@@ -239,7 +258,7 @@ def _runnable(doc: Path) -> list[Block]:
 )
 def test_runnable_blocks_run(doc: Path, session: Session) -> None:
     for block in _runnable(doc):
-        if block.options.get("needs") == "perf_analyzer" and not PERF_TOOLS.exists():
+        if "perf_analyzer" in block.needs and not PERF_TOOLS.exists():
             print(f"{block.where}: not run, perf_analyzer not unpacked (tests/run.sh does that)")
             continue
         session.run(block)
