@@ -312,10 +312,24 @@ class ModelManager:
         if states is None:
             raise ModelNotFoundError(f"unknown model '{name}'")
         if version and version not in states:
-            raise ModelNotFoundError(f"unknown version '{version}' of model '{name}'")
+            raise ModelNotFoundError(self._unknown_version(name, version, states))
         reasons = [f"version {v}: {s.state}{' (' + s.reason + ')' if s.reason else ''}"
                    for v, s in sorted(states.items()) if not version or v == version]
         raise ModelNotReadyError(f"model '{name}' is not ready: {'; '.join(reasons)}")
+
+    def _unknown_version(self, name: str, version: str, states: dict[str, VersionState]) -> str:
+        # On disk but not chosen: say why, not just "unknown" (only on this error path).
+        if version.isdigit() and (self.root / name / version).is_dir():
+            chosen = sorted((v for v in states if v != "0"), key=int)
+            why = (
+                f"the fleet pins version {self._pins[name]}" if name in self._pins
+                else "the model's version_policy (config.pbtxt) excludes it"
+            )
+            return (
+                f"version '{version}' of model '{name}' is in the repository but not served: "
+                f"{why}; served: {', '.join(chosen) or 'none'}"
+            )
+        return f"unknown version '{version}' of model '{name}'"
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
