@@ -639,7 +639,7 @@ def test_status_keeps_latest_reports_per_device(fleet: Fleet) -> None:
         deadline = time.monotonic() + 15
         shown: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            result = run_controller(["status", "dev-a", "--config", str(fleet.config)])
+            result = run_controller(["status", "dev-a", "--json", "--config", str(fleet.config)])
             if result.returncode == 0:
                 shown = json.loads(result.stdout)
                 if len(shown.get("job_history", [])) >= 2 and shown.get("unverified"):

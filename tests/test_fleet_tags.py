@@ -77,7 +77,9 @@ def test_a_real_agent_reports_its_tags_and_the_controller_groups_it(
             assert rows[0]["groups"] == ["line3", "tag:line-3", "tag:night"]
             # The retained reported state carries the field as the agent sent it.
             entry = json.loads(
-                run_controller(["status", DEVICE, "--config", str(controller_config)]).stdout
+                run_controller(
+                    ["status", DEVICE, "--json", "--config", str(controller_config)]
+                ).stdout
             )
             assert entry["reported"]["message"]["tags"] == ["line-3", "night"]
             other = run_controller(

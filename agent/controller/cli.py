@@ -277,7 +277,12 @@ def run_status(args: argparse.Namespace) -> int:
         if entry is None:
             print(f"edge-controller: no reports from device {args.device!r}", file=sys.stderr)
             return EXIT_NOT_FOUND
-        print(json.dumps(entry, indent=2, sort_keys=True))
+        if args.json:
+            print(json.dumps(entry, indent=2, sort_keys=True))
+        else:
+            from agent.controller.fleetview import device_lines
+
+            print("\n".join(device_lines(args.device, entry, config.groups)))
         return EXIT_OK
     if args.json:
         print(json.dumps([row.to_json() for row in rows], indent=2, sort_keys=True))
@@ -450,7 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="show what devices reported")
     status.add_argument("device", nargs="?", metavar="DEVICE", help="one device in detail")
     status.add_argument("--group", metavar="G", help="only the devices of group G")
-    status.add_argument("--json", action="store_true", help="all devices as JSON")
+    status.add_argument(
+        "--json", action="store_true",
+        help="JSON instead of text: the table's rows, or everything DEVICE reported",
+    )
     status.set_defaults(func=run_status)
 
     watch = sub.add_parser(

@@ -121,7 +121,7 @@ class DeviceRow:
     since: float | None  # online/offline since (the device's own clock)
     last_seen: float | None
     active: dict[str, int | None]  # model -> active version
-    job: dict[str, Any]  # deployment_id, model, model_version, phase, status, reason_code
+    job: dict[str, Any]  # deployment_id, model, model_version, phase, status, reason_code, message
     job_progress: float | None  # 0..1 while Downloading
     cpu_percent: float | None
     health_at: float | None
@@ -248,7 +248,10 @@ def device_row(
         active=active,
         job={
             k: job.get(k)
-            for k in ("deployment_id", "model", "model_version", "phase", "status", "reason_code")
+            for k in (
+                "deployment_id", "model", "model_version", "phase", "status", "reason_code",
+                "message",
+            )
         }
         if job
         else {},
@@ -315,14 +318,57 @@ def _state(row: DeviceRow, now: float) -> str:
     return f"{word} {_ago(row.since, now)}" if row.since is not None else word
 
 
+# Job failure reason codes (agent.fleet.lifecycle.Reason, and the rejections' error
+# codes) in words, for when the device's own message is missing.
+REASON_WORDS: Final = {
+    "superseded": "replaced by a newer deployment",
+    "download_timed_out": "a model chunk got no answer (is a controller serving?)",
+    "download_deadline_exceeded": "the download took longer than fleet.download_timeout_s",
+    "artifact_not_found": "the controller does not have this version (not published?)",
+    "chunk_invalid": "the controller sent a bad chunk",
+    "digest_mismatch": "a downloaded file does not match the deployment's digest",
+    "storage_failed": "the device could not store the download (disk full?)",
+    "validation_failed": "the new version does not load or answer its test inputs",
+    "activation_failed": "the new version could not be started",
+    "probation_failed": "too many failed requests during probation: rolled back",
+    "crash_loop": "the agent kept restarting during the update",
+    "interrupted": "the update was interrupted",
+    "trust_store_invalid": "the device's trust store is missing or invalid",
+    "signature_untrusted_key": "signed by a key the device does not trust",
+    "signature_invalid": "the deployment's signature is not valid",
+    "expired": "the deployment expired before the device got it",
+    "not_yet_valid": "the deployment is not valid yet (clock skew?)",
+    "sequence_replayed": "an old deployment sent again (replay refused)",
+    "version_rollback": "a downgrade without --allow-downgrade",
+    "wrong_device": "the deployment names other devices",
+    "identity_mismatch": "the version is signed as another model or version",
+    "model_unsigned": "the version is not signed",
+}
+
+
+def reason_words(job: Mapping[str, Any]) -> str:
+    """Why a job failed, in words: the device's message, else the code's meaning."""
+    code = str(job.get("reason_code") or "")
+    message = job.get("message")
+    if isinstance(message, str) and message.strip():
+        words = " ".join(message.split())
+    else:
+        words = REASON_WORDS.get(code, code.replace("_", " "))
+    return f"{words} ({code})" if code and code not in words else words
+
+
 def _job(row: DeviceRow) -> str:
+    """``MODEL vVERSION Phase/STATUS [NN%][: why it failed]``."""
     if not row.job:
         return "-"
-    text = f"{row.job.get('phase')}/{row.job.get('status')}"
+    model = row.job.get("model")
+    version = row.job.get("model_version")
+    what = f"{model} v{version} " if model is not None else ""
+    text = f"{what}{row.job.get('phase')}/{row.job.get('status')}"
     if row.job_progress is not None:
         text += f" {row.job_progress * 100:.0f}%"
     if row.job.get("reason_code"):
-        text += f" {row.job['reason_code']}"
+        text += f": {reason_words(row.job)}"
     return text
 
 
@@ -358,7 +404,8 @@ def table_lines(rows: Sequence[DeviceRow], now: float | None = None) -> list[str
         for row in rows
     ]
     widths = [max([len(COLUMNS[i]), *(len(c[i]) for c in cells)]) for i in range(len(COLUMNS))]
-    widths = [min(w, 48) for w in widths]
+    # The job column carries the failure reason: room for a short sentence.
+    widths = [min(w, 96 if COLUMNS[i] == "JOB" else 48) for i, w in enumerate(widths)]
 
     def fmt(values: Sequence[str]) -> str:
         return "  ".join(v[:w].ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
@@ -372,3 +419,74 @@ def table_lines(rows: Sequence[DeviceRow], now: float | None = None) -> list[str
         f"{failed} failed jobs, {drifting} with drift flags"
     )
     return lines
+
+
+# --------------------------------------------------------------------------- one device
+
+
+def _clock(then: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(then)) if then else "?"
+
+
+def device_lines(
+    device: str,
+    entry: Mapping[str, Any],
+    groups: Mapping[str, Sequence[str]] | None = None,
+    now: float | None = None,
+) -> list[str]:
+    """``edge-controller status DEVICE``: what the device last reported, for a person."""
+    now = time.time() if now is None else now
+    row = device_row(device, entry, groups)
+    last_seen = f"last seen {_ago(row.last_seen, now)} ago" if row.last_seen else "never seen"
+    lines = [f"device {device}: {_state(row, now)} ({last_seen})"]
+    if row.groups or row.tags:
+        lines.append(
+            f"  groups: {', '.join(row.groups) or '-'}    tags: {', '.join(row.tags) or '-'}"
+        )
+    lines.append("  models:")
+    names = sorted(set(row.active) | set(row.models))
+    if not names:
+        lines.append("    (none reported)")
+    for name in names:
+        active = row.active.get(name)
+        lines.append(f"    {name}: active version {active if active is not None else '-'}")
+        for h in row.models.get(name, []):
+            stats = [f"{h.requests} requests"]
+            if h.error_rate is not None:
+                stats.append(f"errors {h.error_rate * 100:.1f}%")
+            if h.p99_ms is not None:
+                stats.append(f"p99 {h.p99_ms:.1f} ms")
+            drift = row.drift.get(f"{name}:{h.version}")
+            if drift:
+                stats.append(f"drift {drift}")
+            mark = " (active)" if h.active else ""
+            lines.append(f"      v{h.version}{mark}: {', '.join(stats)} in the last interval")
+    if row.job:
+        job = row.job
+        lines.append(f"  job: {_job(row)}")
+        lines.append(f"       deployment {job.get('deployment_id') or '?'}")
+    else:
+        lines.append("  job: none reported")
+    if row.health_at is not None:
+        cpu = f"cpu {row.cpu_percent:.0f}%, " if row.cpu_percent is not None else ""
+        lines.append(f"  health: {cpu}reported {_ago(row.health_at, now)} ago "
+                     f"({_clock(row.health_at)})")
+    else:
+        lines.append("  health: none reported")
+    history = entry.get("job_history")
+    if isinstance(history, list) and history:
+        lines.append("  recent jobs:")
+        for item in history[-5:]:
+            if isinstance(item, dict):
+                shown = DeviceRow(device, None, None, None, {}, item, None, None, None)
+                stamp = _clock(_num(item.get("ts")))
+                lines.append(f"    {stamp}  {_job(shown)}  ({item.get('deployment_id')})")
+    unverified = entry.get("unverified")
+    if isinstance(unverified, dict) and unverified.get("count"):
+        lines.append(
+            f"  {unverified['count']} report(s) about deployments this controller did not "
+            "publish (kept apart; --json shows them)"
+        )
+    lines.append("  (all fields: --json)")
+    return lines
+

@@ -43,6 +43,16 @@ def _fail(exc: Exception) -> int:
 # --------------------------------------------------------------------------- progress
 
 
+def wave_position(state: ro.RolloutState) -> str:
+    """Where a rollout is, as ``rollout list`` and ``rollout status`` both say it:
+    the first wave that has not passed and its state, or that all passed."""
+    total = len(state.waves)
+    current = state.current_wave
+    if current is None:
+        return f"all {total} waves passed"
+    return f"wave {current + 1}/{total} {state.waves[current].status}"
+
+
 def progress_lines(
     state: ro.RolloutState, seen: dict[str, ro.DeviceObservation], now: float
 ) -> list[str]:
@@ -50,7 +60,7 @@ def progress_lines(
     plan = state.plan
     lines = [
         f"rollout {plan.rollout_id}: {plan.model} v{plan.version} -> group {plan.group} "
-        f"({len(plan.devices)} devices): {state.status.upper()}"
+        f"({len(plan.devices)} devices): {state.status.upper()}, {wave_position(state)}"
     ]
     for index, (devices, wave) in enumerate(zip(plan.waves, state.waves, strict=True)):
         done = 0
@@ -343,10 +353,10 @@ def run_rollout(config: ControllerConfig, args: argparse.Namespace) -> int:
                 print(json.dumps([ro.state_to_json(s) for s in rows], indent=1))
                 return EXIT_OK
             for s in rows:
+                halted = f"  halted: {s.halt_reason}" if s.halt_reason else ""
                 print(
                     f"{s.plan.rollout_id}  {s.status:<9} {s.plan.model} v{s.plan.version} "
-                    f"group {s.plan.group}  wave {(s.current_wave or len(s.waves) - 1) + 1}/"
-                    f"{len(s.waves)}  {s.halt_reason}"
+                    f"group {s.plan.group}  {wave_position(s)}{halted}"
                 )
             return EXIT_OK
         if args.rollout_id is None:

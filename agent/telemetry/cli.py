@@ -49,7 +49,9 @@ def add_telemetry_commands(sub: Any) -> None:
     p.add_argument("--max-rows", type=int, help="use only the first N samples")
     p.add_argument("--no-outputs", action="store_true",
                    help="profile the inputs only (do not run the model)")
-    p.add_argument("--quiet", action="store_true", help="print only the profile's path")
+    p.add_argument("--quiet", action="store_true",
+                   help="print only the profile's path on stdout (the reminder to sign the "
+                   "version again still goes to stderr)")
     p.set_defaults(func=_profile)
 
 
@@ -126,8 +128,15 @@ def _run(args: argparse.Namespace) -> int:
         options=options,
     )
     path = write_profile(version_dir, profile)
+    if (version_dir / "model.sig").exists():
+        note = ("note: model.sig no longer covers this directory; sign it again "
+                "(edge-agent sign VERSION_DIR --private-key KEY), or the agent refuses it")
+    else:
+        note = "note: sign the version directory so its signature covers the profile"
     if args.quiet:
+        # stdout stays the path alone (for scripts); the warning goes to stderr.
         print(path)
+        print(note, file=sys.stderr)
         return EXIT_OK
     rows = next(iter(feeds.values())).shape[0]
     print(f"{path}: {rows} samples, model {name} version {version}")
@@ -144,11 +153,7 @@ def _run(args: argparse.Namespace) -> int:
                 detail = f"{len(f.categories)} categories: {top}"
             print(f"  {tensor.role:<6} {f.name:<24} {f.kind:<11} missing {f.missing_rate:.3f}  "
                   f"{detail}")
-    if (version_dir / "model.sig").exists():
-        print("note: model.sig no longer covers this directory; sign it again "
-              "(edge-agent sign VERSION_DIR --private-key KEY)")
-    else:
-        print("note: sign the version directory so its signature covers the profile")
+    print(note)
     return EXIT_OK
 
 
