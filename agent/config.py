@@ -2,18 +2,20 @@
 
 Pure: takes the already-parsed TOML mapping (``tomllib``) and returns a frozen
 ``AgentConfig``. Validation uses a JSON Schema so that every wrong key or value
-is reported with its dotted path.
+is reported with its dotted path. A config that passes a small check of the
+schema's keywords here (``_plainly_valid``) is valid; only one that does not is
+handed to ``jsonschema`` (imported then: several megabytes a serving agent that
+starts with a good config does not need) to find and name the error.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import jsonschema
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import ConfigError
 from agent.protocol.names import RESERVED_DEVICE_PREFIX, is_reserved_device_id
@@ -485,14 +487,93 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-# JSON Schema counts 2.0 as an integer; TOML says it is a float, and a float in
-# an integer setting (thread counts, sizes) must stop start-up, not crash it later.
-_Validator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
-    jsonschema.Draft202012Validator,
-    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
-        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
-    ),
-)
+if TYPE_CHECKING:
+    import jsonschema
+
+
+def _validator() -> Any:
+    import jsonschema
+
+    # JSON Schema counts 2.0 as an integer; TOML says it is a float, and a float in
+    # an integer setting (thread counts, sizes) must stop start-up, not crash it later.
+    return jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+        jsonschema.Draft202012Validator,
+        type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+            "integer",
+            lambda _checker, value: isinstance(value, int) and not isinstance(value, bool),
+        ),
+    )
+
+
+_TYPES: dict[str, Any] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+}
+_KEYWORDS = frozenset({
+    "type", "minimum", "maximum", "exclusiveMinimum", "enum", "properties",
+    "additionalProperties", "items", "minItems", "maxItems", "minLength", "maxLength",
+    "pattern", "uniqueItems", "$defs", "$ref",
+})
+_LOCAL_REF = "#/$defs/"
+
+
+def _plainly_valid(
+    value: Any, schema: Mapping[str, Any], root: Mapping[str, Any] | None = None
+) -> bool:
+    """True if ``value`` meets ``schema`` by the keywords above; False if it does not,
+    or if the schema says something this check does not read (jsonschema decides)."""
+    root = schema if root is None else root
+    if not _KEYWORDS.issuperset(schema):
+        return False
+    ref = schema.get("$ref")
+    if ref is not None:
+        if not ref.startswith(_LOCAL_REF) or ref[len(_LOCAL_REF):] not in root.get("$defs", {}):
+            return False
+        if not _plainly_valid(value, root["$defs"][ref[len(_LOCAL_REF):]], root):
+            return False
+    kind = schema.get("type")
+    if kind is not None and (kind not in _TYPES or not _TYPES[kind](value)):
+        return False
+    if "enum" in schema and not any(
+        value == v and type(value) is type(v) for v in schema["enum"]
+    ):
+        return False
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            return False
+        if "maximum" in schema and value > schema["maximum"]:
+            return False
+        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            return False
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", 1 << 62):
+            return False
+        if "pattern" in schema and re.search(schema["pattern"], value) is None:
+            return False
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", 1 << 62):
+            return False
+        if schema.get("uniqueItems") and any(
+            a == b for i, a in enumerate(value) for b in value[i + 1 :]
+        ):
+            return False
+        items = schema.get("items")
+        if items is not None and not all(_plainly_valid(v, items, root) for v in value):
+            return False
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties", True)
+        for key, item in value.items():
+            if key in props:
+                if not _plainly_valid(item, props[key], root):
+                    return False
+            elif extra is False or (extra is not True and not _plainly_valid(item, extra, root)):
+                return False
+    return True
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -513,10 +594,11 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 def build_config(overrides: Mapping[str, Any], source: str = "<defaults>") -> AgentConfig:
     """Merge ``overrides`` (parsed TOML plus CLI flags) over the defaults and validate."""
-    validator = _Validator(_SCHEMA)
-    errors = sorted(validator.iter_errors(overrides), key=lambda e: list(e.absolute_path))
-    if errors:
-        raise ConfigError(f"{source}: {_describe(errors[0])}")
+    if not _plainly_valid(overrides, _SCHEMA):
+        validator = _validator()(_SCHEMA)
+        errors = sorted(validator.iter_errors(overrides), key=lambda e: list(e.absolute_path))
+        if errors:
+            raise ConfigError(f"{source}: {_describe(errors[0])}")
     merged = _merge(DEFAULTS, overrides)
     server = merged["server"]
     if bool(server["tls_cert"]) != bool(server["tls_key"]):

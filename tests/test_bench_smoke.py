@@ -37,8 +37,8 @@ def test_bench_serving_quick_prints_the_table() -> None:
         if row[2] in ("echo", "agent", "agent+db"):
             assert float(row[3]) > 0, row
             assert row[-2] == "0", row  # errors (the last column is the load average)
-    assert "Targets (issue 3):" in out
-    for target in ("(a)", "(b)", "(e)"):
+    assert "Targets (issue 22" in out
+    for target in ("(a)", "(b)", "(e)", "(f)", "(g)", "(h)"):
         assert target in out
 
 

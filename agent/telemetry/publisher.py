@@ -43,13 +43,13 @@ from agent.telemetry.health import (
     models_health,
     snapshot_models,
 )
-from agent.telemetry.metrics import MetricsServer, MetricsSnapshot
 from agent.telemetry.outbox import OUTBOX_FILENAME, Entry, Outbox, OutboxError, OutboxLimits, Stamp
 
 if TYPE_CHECKING:
     from agent.config import TelemetryConfig
     from agent.mqtt.client import MqttClient
     from agent.serving.model_manager import ModelManager, ModelReader, ServingModel
+    from agent.telemetry.metrics import MetricsServer, MetricsSnapshot
 
 log = logging.getLogger("agent.telemetry")
 
@@ -153,6 +153,9 @@ class TelemetryService:
                 Outbox, self.state_dir / OUTBOX_FILENAME, limits
             )
         if cfg.prometheus_address:
+            # prometheus_client only when an endpoint is configured (megabytes otherwise idle).
+            from agent.telemetry.metrics import MetricsServer
+
             server = MetricsServer(cfg.prometheus_address, self.metrics_snapshot, self.host)
             try:
                 self.metrics_address = await asyncio.to_thread(server.start)
@@ -438,6 +441,8 @@ class TelemetryService:
         models = future.result(timeout_s)
         c = self.monitor.counters
         outbox = self.outbox
+        from agent.telemetry.metrics import MetricsSnapshot  # loaded by start() already
+
         return MetricsSnapshot(
             models=models,
             drift=dict(self._state.last_drift),
