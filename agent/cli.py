@@ -169,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         "int8), keep one only if it reproduces the signed validation vectors and is faster "
         "here; the agent serves it from its next load of the version (docs/optimize.md).",
     )
-    opt.add_argument("model")
-    opt.add_argument("version", type=int)
-    opt.add_argument("--config", type=Path)
+    opt.add_argument("model", help="model name in the repository")
+    opt.add_argument("version", type=int, help="its version (a signed version directory)")
+    opt.add_argument("--config", type=Path, help="agent TOML config (repository, runtime)")
     opt.add_argument("--rebuild", action="store_true", help="decide again, ignoring the store")
     opt.add_argument("--json", action="store_true", help="print the summary as JSON")
     opt.set_defaults(func=_optimize)

@@ -41,9 +41,11 @@ def add_batch_parser(sub: Any, handler: Callable[[argparse.Namespace], int]) -> 
                    "store, runtime settings)")
     p.add_argument("--repository", type=Path, help="model repository (default: the config's)")
     p.add_argument("--input-format", choices=["parquet", "csv", "arrow", "feather", "npy",
-                                              "npz", "jsonl"])
+                                              "npz", "jsonl"],
+                   help="input file format (default: from the suffix)")
     p.add_argument("--output-format", choices=["parquet", "csv", "arrow", "feather", "npy",
-                                               "npz", "jsonl"])
+                                               "npz", "jsonl"],
+                   help="output file format (default: from the suffix)")
     p.add_argument("--map", action="append", metavar="INPUT=COL[,COL...]",
                    help="columns for a model input (repeatable); default: a column named "
                    "like the input, or INPUT_0..INPUT_{N-1}")
