@@ -138,21 +138,23 @@ def main(argv: list[str] | None = None) -> int:
         recorder = Recorder(broker.port)
         agent: AgentProcess | None = None
         try:
-            path = agent_config(tmp, broker.port, keys, repository, state,
-                                chunk_bytes=16 * 1024, window=2, chunk_timeout_s=2.0,
-                                chunk_retries=8)
-            config = tomllib.loads(path.read_text())
-            config["telemetry"] = {"health_interval_s": 0.5, "drift_window_s": 2.0,
-                                   "prometheus_address": ""}
-            write_toml(path, config)
-            agent = AgentProcess(path).wait_serving(30)
-            # A download that outlasts the time before the outage: chunks answered slowly.
+            # A download that outlasts the time before the outage: chunks answered slowly,
+            # each well within the chunk timeout (a late answer would be a lost chunk).
             directory = write_version(tmp / "published" / "2", 2.0, keys.model,
                                       padding=2 * 1024 * 1024)
             files = version_files(directory)
             controller.add_files(files)
             size = sum(len(d) for d in files.values())
-            controller.policy.delay_s = max(0.01, 2 * 2 * before / (size / (16 * 1024)))
+            delay_s = max(0.01, 2 * 2 * before / (size / (16 * 1024)))
+            controller.policy.delay_s = delay_s
+            path = agent_config(tmp, broker.port, keys, repository, state,
+                                chunk_bytes=16 * 1024, window=2,
+                                chunk_timeout_s=max(2.0, 3 * delay_s), chunk_retries=8)
+            config = tomllib.loads(path.read_text())
+            config["telemetry"] = {"health_interval_s": 0.5, "drift_window_s": 2.0,
+                                   "prometheus_address": ""}
+            write_toml(path, config)
+            agent = AgentProcess(path).wait_serving(30)
             doc = deployment_doc(files, 2, 1, probation_s=0.5)
             controller.deploy(doc, keys.deploy)
             controller.wait_for(lambda: any(m.get("phase") == "Downloading" for m in
