@@ -27,9 +27,11 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from agent.controller.pki import fleet_acl
 from agent.mqtt.client import Message, MqttClient, MqttError, MqttSettings
 from tests.controller_process import run_controller
 from tests.mqtt_broker import find_mosquitto, free_port
+from tests.mqtt_broker import fleet_acl as helper_acl
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -356,3 +358,13 @@ def test_mosquitto_needs_a_broker_certificate(tmp_path: Path) -> None:
     ok("init", str(directory))
     done = pki("mosquitto", "--dir", str(directory), "--out", str(tmp_path / "out"))
     assert done.returncode == 1 and "pki broker" in done.stderr
+
+
+def test_the_generated_acl_is_the_one_the_broker_tests_check() -> None:
+    """tests/test_broker_acl.py attacks tests/mqtt_broker.py's ACL; the operator's is the same."""
+
+    def rules(text: str) -> set[str]:
+        return {line for line in text.splitlines() if line and not line.startswith("#")}
+
+    assert rules(fleet_acl("edge", ["controller"])) == rules(helper_acl("edge"))
+    assert rules(fleet_acl("plant/a", ["controller"])) == rules(helper_acl("plant/a"))
