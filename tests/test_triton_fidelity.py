@@ -7,6 +7,9 @@ auto-completed max_batch_size for dynamic batching.
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from tests.agent_process import AgentProcess, write_toml
+from tests.agent_process import REPO_ROOT, AgentProcess, write_toml
 from tests.serving_models import make_repository, scale_and_echo_model, serving_config
 
 Array = np.ndarray[Any, Any]
@@ -318,3 +321,45 @@ def test_explicit_model_control_without_startup_models_loads_none(tmp_path: Path
             assert c.is_model_ready("scaler")
         finally:
             c.close()
+
+
+# -- perf_analyzer: rank-0 inputs, and system shared memory ------------------------
+
+PERF_TOOLS = REPO_ROOT / ".venv" / "perf-tools"
+PERF_ANALYZER = PERF_TOOLS / "bin" / "perf_analyzer"
+
+
+def _perf_analyzer(address: str, model: str, *extra: str) -> str:
+    args = [
+        str(PERF_ANALYZER), "-m", model, "-u", address, "-i", "grpc",
+        "--concurrency-range", "1", "--measurement-interval", "300", "--max-trials", "5",
+        "--stability-percentage", "1000", *extra,
+    ]
+    env = {**os.environ, "LD_LIBRARY_PATH": str(PERF_TOOLS / "lib")}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    # A busy machine may never be "stable" (exit 2): that is no protocol failure, but
+    # any request error is.
+    assert "error" not in output.replace("Failed to obtain stable", "").lower(), output
+    if done.returncode != 0:
+        assert "Failed to obtain stable measurement" in output, output
+    else:
+        assert re.search(r"Concurrency: 1, throughput: [\d.]+ infer/sec", output), output
+    return output
+
+
+@pytest.mark.skipif(not PERF_ANALYZER.exists(), reason="perf_analyzer not unpacked (tests/run.sh)")
+def test_perf_analyzer_sends_a_rank0_input(agent: AgentProcess) -> None:
+    _perf_analyzer(agent.address, "scalar", "--shape", "audio:16")
+
+
+@pytest.mark.skipif(not PERF_ANALYZER.exists(), reason="perf_analyzer not unpacked (tests/run.sh)")
+def test_perf_analyzer_with_system_shared_memory(tmp_path: Path) -> None:
+    repo = make_repository(
+        tmp_path / "models", {"reshaped": (grid_reshape_model(), RESHAPE_CONFIG)}
+    )
+    config = serving_config(tmp_path, repo, server={"shared_memory": "system"})
+    with AgentProcess(write_toml(tmp_path / "agent.toml", config)) as proc:
+        proc.wait_serving()
+        _perf_analyzer(proc.address, "reshaped", "--shared-memory", "system",
+                       "--output-shared-memory-size", "64")
