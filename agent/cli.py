@@ -98,6 +98,9 @@ def _optimize(args: argparse.Namespace) -> int:
         )
         reader = OptimizingReader(make_reader(config), Path(config.state.dir), options)
         version_dir = Path(config.repository.path) / args.model / str(args.version)
+        if not version_dir.is_dir():
+            print(f"edge-agent: no version directory {version_dir}", file=sys.stderr)
+            return EXIT_FAILURE
         if not reader.opted_in(version_dir):
             print(f"edge-agent: {version_dir} has no signed optimize.json", file=sys.stderr)
             return EXIT_FAILURE
