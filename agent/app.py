@@ -27,7 +27,13 @@ from agent.fleet.state_store import StateStore
 from agent.serving.control_auth import control_policy
 from agent.serving.dataplane import DataPlane
 from agent.serving.grpc_server import HealthReporter, TlsFiles, build_server
-from agent.serving.model_manager import UNAVAILABLE, LoadSettings, ModelManager, ModelReader
+from agent.serving.model_manager import (
+    UNAVAILABLE,
+    LoadSettings,
+    ModelManager,
+    ModelReader,
+    serving_threads,
+)
 from agent.serving.onnx_runtime import SessionOptions, share_thread_pools
 from agent.serving.optimizer import OptimizingReader
 from agent.system.notify import Notifier
@@ -136,15 +142,20 @@ class Agent:
         self.bound: list[str] = []
         # Before anything else touches onnxruntime: its thread pools, made once at
         # normal priority, so that sessions can be created at a low one.
-        share_thread_pools(config.runtime.intra_op_threads, config.runtime.inter_op_threads)
+        intra, instances = serving_threads(
+            config.runtime.intra_op_threads,
+            config.runtime.default_instance_count,
+            os.cpu_count() or 1,
+        )
+        share_thread_pools(intra, config.runtime.inter_op_threads)
         settings = LoadSettings(
             session=SessionOptions(
-                intra_op_threads=config.runtime.intra_op_threads,
+                intra_op_threads=intra,
                 inter_op_threads=config.runtime.inter_op_threads,
                 graph_optimization=config.runtime.graph_optimization,
                 execution_providers=config.runtime.execution_providers,
             ),
-            default_instance_count=config.runtime.default_instance_count,
+            default_instance_count=instances,
             default_max_queue_size=config.runtime.default_max_queue_size,
             max_instance_count=config.runtime.max_instance_count,
             execution=config.runtime.execution,

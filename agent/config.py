@@ -65,11 +65,14 @@ DEFAULTS: dict[str, Any] = {
         "allow_unsigned_models": False,
     },
     "runtime": {
-        "intra_op_threads": 0,  # 0: onnxruntime decides
+        # 0 (both): decided from the cores: min(cores, 4) instances per model, and
+        # cores / instances threads per run (one per run on 2 cores, as raw
+        # onnxruntime is fastest there under concurrency).
+        "intra_op_threads": 0,
         "inter_op_threads": 0,
         "graph_optimization": "all",  # disable | basic | extended | all
         "execution_providers": ["CPUExecutionProvider"],
-        "default_instance_count": 1,
+        "default_instance_count": 0,
         "default_max_queue_size": 1024,
         "max_instance_count": 0,  # per model (threads); 0: 4 per CPU, at least 8
         # Where runs happen: "worker" threads, "inline" on the event loop, or "auto":
@@ -227,7 +230,7 @@ _SCHEMA: dict[str, Any] = {
                     "items": {"type": "string"},
                     "minItems": 1,
                 },
-                "default_instance_count": {"type": "integer", "minimum": 1, "maximum": 256},
+                "default_instance_count": {"type": "integer", "minimum": 0, "maximum": 256},
                 "default_max_queue_size": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
                 "max_instance_count": {"type": "integer", "minimum": 0, "maximum": 1024},
                 "execution": {"enum": ["auto", "inline", "worker"]},

@@ -74,6 +74,20 @@ LOADING = "LOADING"
 UNLOADING = "UNLOADING"
 
 
+def serving_threads(
+    intra_op_threads: int, default_instance_count: int, cores: int
+) -> tuple[int, int]:
+    """(threads per run, instances per model) for the config's values, 0 deciding.
+
+    Several instances of one thread each use the cores with least overhead under
+    concurrency (no pool threads to wake or spin); at most 4 instances, the cores
+    shared out among them beyond that.
+    """
+    instances = default_instance_count or max(1, min(cores, 4))
+    intra = intra_op_threads or max(1, cores // instances)
+    return intra, instances
+
+
 @dataclass(frozen=True, slots=True)
 class LoadSettings:
     session: SessionOptions
