@@ -227,3 +227,23 @@ def test_policy_rules() -> None:
     assert v.choose([slow, v.Candidate("int8", False, reason="vectors")]) is None
     assert v.speedup([2.0, 2.0, 9.0], [1.0, 1.0, 1.0]) == pytest.approx(1.0)
     assert v.confirmed_speedup([0.5, 0.02]) == 0.02
+
+
+def test_records_authenticate_and_bind_their_key() -> None:
+    key = v.VariantKey("a" * 64, "1.32.0", "CPUExecutionProvider", "b" * 64)
+    variant = b"variant bytes"
+    kept = v.Candidate("int8", True, 0.5, 0.1, "", v.sha256(variant), len(variant))
+    record = v.Record(key, "int8", (kept,), 0.0, 1.0)
+    data = v.encode_record(record, b"k" * 32)
+    assert v.decode_record(data, b"k" * 32, key) == record
+    assert v.variant_matches(record, variant) and not v.variant_matches(record, b"other bytes!!")
+    with pytest.raises(v.VariantRecordError, match="HMAC"):
+        v.decode_record(data, b"x" * 32, key)  # another device's key
+    with pytest.raises(v.VariantRecordError, match="another model"):
+        v.decode_record(data, b"k" * 32, v.VariantKey("c" * 64, "1.32.0", key.provider, "b" * 64))
+    forged = json.loads(data)
+    forged["body"] = forged["body"].replace('"speedup":0.5', '"speedup":9.5')
+    with pytest.raises(v.VariantRecordError, match="HMAC"):
+        v.decode_record(json.dumps(forged).encode(), b"k" * 32, key)
+    with pytest.raises(v.VariantRecordError, match="unusable name"):
+        v.VariantKey("a" * 64, "../1", "CPUExecutionProvider", "b" * 64).directory()
