@@ -368,3 +368,53 @@ def test_the_generated_acl_is_the_one_the_broker_tests_check() -> None:
 
     assert rules(fleet_acl("edge", ["controller"])) == rules(helper_acl("edge"))
     assert rules(fleet_acl("plant/a", ["controller"])) == rules(helper_acl("plant/a"))
+
+
+def _openssl_csr(directory: Path, cn: str) -> tuple[Path, Path]:
+    """A key and a CSR made the way a device would make them, with openssl."""
+    key, csr = directory / f"{cn}.key", directory / f"{cn}.csr"
+    out = ["-out", str(csr)]
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    subprocess.run(
+        ["openssl", "req", "-new", *new_key, "-keyout", str(key), "-subj", f"/CN={cn}", *out],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return key, csr
+
+
+def test_a_device_key_that_never_left_the_device(fleet: Fleet, tmp_path: Path) -> None:
+    key, csr = _openssl_csr(tmp_path, "dev-own")
+    out = ok("device", "--dir", str(fleet.pki), "dev-own", "--csr", str(csr))
+    assert "key " not in out and not (fleet.pki / "devices" / "dev-own.key").exists()
+    assert pki("device", "--dir", str(fleet.pki), "dev-other", "--csr", str(csr)).returncode == 2
+    settings = dataclasses.replace(fleet.settings("devices", "dev-own"), tls_key=str(key))
+
+    async def body() -> None:
+        client = await _connected(settings)
+        try:
+            await client.publish("edge/devices/dev-own/reported", b"hello")
+            with pytest.raises(MqttError, match="Not authorized"):
+                await client.publish("edge/devices/dev-a/reported", b"forged")
+        finally:
+            await client.stop()
+
+    _run(body())
+
+
+def test_a_ca_key_under_a_passphrase(tmp_path: Path) -> None:
+    secret = tmp_path / "ca.pass"
+    secret.write_text("correct horse battery staple\n")
+    directory = tmp_path / "pki"
+    ok("init", str(directory), "--passphrase-file", str(secret))
+    assert b"ENCRYPTED PRIVATE KEY" in (directory / "ca.key").read_bytes()
+    done = pki("device", "--dir", str(directory), "dev-a")
+    assert done.returncode == 1 and "passphrase" in done.stderr
+    wrong = tmp_path / "wrong.pass"
+    wrong.write_text("nope\n")
+    assert (
+        pki("device", "--dir", str(directory), "dev-a", "--passphrase-file", str(wrong)).returncode
+        == 1
+    )
+    ok("device", "--dir", str(directory), "dev-a", "--passphrase-file", str(secret))

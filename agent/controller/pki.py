@@ -31,7 +31,7 @@ from typing import Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.common.durable import write_atomically
@@ -63,7 +63,7 @@ class Issued:
     common_name: str
     serial: int
     cert: Path
-    key: Path
+    key: Path | None  # None: issued for a CSR, the key never left its owner
     not_after: datetime.datetime
 
 
@@ -108,12 +108,39 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+def _write_key(
+    path: Path, key: ec.EllipticCurvePrivateKey, passphrase: bytes | None = None
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
     pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
     write_atomically(path, pem, 0o600)
+
+
+def read_csr(path: Path, common_name: str) -> x509.CertificateSigningRequest:
+    """A CSR whose signature holds, for an EC or a >= 2048-bit RSA key; its subject, if it
+    names a CN, must be ``common_name`` (the certificate's CN is ours to set either way)."""
+    try:
+        csr = x509.load_pem_x509_csr(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PkiError(f"{path}: not a PEM certificate signing request ({exc})") from None
+    if not csr.is_signature_valid:
+        raise PkiError(f"{path}: the request's signature does not verify")
+    public = csr.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) and not (
+        isinstance(public, rsa.RSAPublicKey) and public.key_size >= 2048
+    ):
+        raise PkiError(f"{path}: an EC or a >= 2048-bit RSA key is required")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if names and names[0].value != common_name:
+        raise ConfigError(f"{path}: the request is for CN {names[0].value!r}, not {common_name!r}")
+    return csr
 
 
 def _write_public(path: Path, data: bytes) -> None:
@@ -139,7 +166,7 @@ def _usage(*, cert_sign: bool, signature: bool) -> x509.KeyUsage:
 class Pki:
     """A PKI directory: ``Pki.init(dir)`` creates one, ``Pki(dir)`` opens it."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, passphrase: bytes | None = None) -> None:
         self.directory = directory
         self.ca_key_path = directory / "ca.key"
         self.ca_cert_path = directory / "ca.crt"
@@ -148,7 +175,13 @@ class Pki:
         for path in (self.ca_key_path, self.ca_cert_path, self.index_path):
             if not path.is_file():
                 raise PkiError(f"{path}: missing; create the PKI with `edge-controller pki init`")
-        key = serialization.load_pem_private_key(self.ca_key_path.read_bytes(), None)
+        try:
+            key = serialization.load_pem_private_key(self.ca_key_path.read_bytes(), passphrase)
+        except (TypeError, ValueError) as exc:  # no, or a wrong, passphrase
+            raise PkiError(
+                f"{self.ca_key_path}: cannot unlock the CA key ({exc}); "
+                "--passphrase-file F if it was made with one"
+            ) from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise PkiError(f"{self.ca_key_path}: not an EC private key")
         self._ca_key = key
@@ -166,6 +199,7 @@ class Pki:
         name: str = "edge-agent fleet CA",
         days: int = DEFAULT_CA_DAYS,
         crl_days: int = DEFAULT_CRL_DAYS,
+        passphrase: bytes | None = None,
     ) -> Pki:
         """Create the CA (EC P-256), an empty index and an empty CRL in ``directory``."""
         if (directory / "ca.key").exists() or (directory / "ca.crt").exists():
@@ -188,10 +222,10 @@ class Pki:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
             .sign(key, hashes.SHA256())
         )
-        _write_key(directory / "ca.key", key)
+        _write_key(directory / "ca.key", key, passphrase)
         _write_public(directory / "ca.crt", cert.public_bytes(serialization.Encoding.PEM))
         _write_public(directory / "index.json", _index_bytes([]))
-        pki = cls(directory)
+        pki = cls(directory, passphrase)
         pki.write_crl(crl_days)
         return pki
 
@@ -204,18 +238,27 @@ class Pki:
         days: int,
         usage: x509.ObjectIdentifier,
         sans: list[x509.GeneralName] | None = None,
+        csr: Path | None = None,
     ) -> Issued:
         folder = {"broker": "broker", "controller": "controllers", "device": "devices"}[kind]
         cert_path = self.directory / folder / f"{common_name}.crt"
         key_path = self.directory / folder / f"{common_name}.key"
-        key = ec.generate_private_key(ec.SECP256R1())
+        key: ec.EllipticCurvePrivateKey | None = None
+        if csr is None:
+            key = ec.generate_private_key(ec.SECP256R1())
+            public: ec.EllipticCurvePublicKey | rsa.RSAPublicKey = key.public_key()
+        else:
+            requested = read_csr(csr, common_name).public_key()
+            if not isinstance(requested, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+                raise PkiError(f"{csr}: unsupported key type")
+            public = requested
         now = _now()
         not_after = min(now + datetime.timedelta(days=days), self.ca_cert.not_valid_after_utc)
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self.ca_cert.subject)
-            .public_key(key.public_key())
+            .public_key(public)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - _BACKDATE)
             .not_valid_after(not_after)
@@ -231,7 +274,8 @@ class Pki:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(self._ca_key, hashes.SHA256())
         # The key first: a certificate never sits beside a key it does not match.
-        _write_key(key_path, key)
+        if key is not None:
+            _write_key(key_path, key)
         _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         self._entries.append(
             {
@@ -244,7 +288,8 @@ class Pki:
             }
         )
         self._save_index()
-        return Issued(common_name, cert.serial_number, cert_path, key_path, not_after)
+        held = key_path if key is not None else None
+        return Issued(common_name, cert.serial_number, cert_path, held, not_after)
 
     def issue_broker(self, hosts: list[str], days: int = DEFAULT_CERT_DAYS) -> Issued:
         """The broker's server certificate: CN the first host, a SAN for every host."""
@@ -255,12 +300,18 @@ class Pki:
             "broker", hosts[0].rstrip("."), days, ExtendedKeyUsageOID.SERVER_AUTH, sans
         )
 
-    def issue_controller(self, name: str, days: int = DEFAULT_CERT_DAYS) -> Issued:
-        return self._issue("controller", controller_cn(name), days, ExtendedKeyUsageOID.CLIENT_AUTH)
+    def issue_controller(
+        self, name: str, days: int = DEFAULT_CERT_DAYS, csr: Path | None = None
+    ) -> Issued:
+        cn = controller_cn(name)
+        return self._issue("controller", cn, days, ExtendedKeyUsageOID.CLIENT_AUTH, csr=csr)
 
-    def issue_device(self, device_id: str, days: int = DEFAULT_CERT_DAYS) -> Issued:
+    def issue_device(
+        self, device_id: str, days: int = DEFAULT_CERT_DAYS, csr: Path | None = None
+    ) -> Issued:
+        """A device certificate; with ``csr``, for the key the device made itself."""
         cn = check_device_cn(device_id)
-        return self._issue("device", cn, days, ExtendedKeyUsageOID.CLIENT_AUTH)
+        return self._issue("device", cn, days, ExtendedKeyUsageOID.CLIENT_AUTH, csr=csr)
 
     # -- revoking -----------------------------------------------------------
 
@@ -445,8 +496,15 @@ def _mosquitto_conf(out: Path, o: MosquittoOptions) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    from agent.signing.keys import read_passphrase_file
+
+    path: Path | None = args.passphrase_file
+    return read_passphrase_file(path) if path is not None else None
+
+
 def _pki(args: argparse.Namespace) -> Pki:
-    return Pki(args.dir)
+    return Pki(args.dir, _passphrase(args))
 
 
 def _print_issued(issued: Issued, what: str) -> None:
@@ -454,14 +512,15 @@ def _print_issued(issued: Issued, what: str) -> None:
         f"{what} {issued.common_name}: {issued.cert} (serial {issued.serial:x}, "
         f"until {issued.not_after:%Y-%m-%d})"
     )
-    print(f"key {issued.key} (mode 0600)")
+    if issued.key is not None:
+        print(f"key {issued.key} (mode 0600)")
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
         action: str = args.pki_command
         if action == "init":
-            pki = Pki.init(args.directory, args.name, args.days, args.crl_days)
+            pki = Pki.init(args.directory, args.name, args.days, args.crl_days, _passphrase(args))
             print(f"CA {pki.ca_cert_path} (key {pki.ca_key_path}, mode 0600), CRL {pki.crl_path}")
         elif action == "broker":
             hosts = list(args.host or [])
@@ -469,9 +528,10 @@ def _run(args: argparse.Namespace) -> int:
                 hosts += ["localhost", "127.0.0.1", "::1"]
             _print_issued(_pki(args).issue_broker(hosts, args.days), "broker")
         elif action == "controller":
-            _print_issued(_pki(args).issue_controller(args.name, args.days), "controller")
+            issued = _pki(args).issue_controller(args.name, args.days, args.csr)
+            _print_issued(issued, "controller")
         elif action == "device":
-            _print_issued(_pki(args).issue_device(args.device_id, args.days), "device")
+            _print_issued(_pki(args).issue_device(args.device_id, args.days, args.csr), "device")
         elif action == "revoke":
             pki = _pki(args)
             serials = pki.revoke(args.common_name, args.crl_days, args.serial)
@@ -527,7 +587,14 @@ def add_pki_commands(sub: Any) -> None:
         description="Make and keep the fleet's TLS identities (docs/operator-guide.md).",
     )
     actions = pki.add_subparsers(dest="pki_command", required=True)
-    where = argparse.ArgumentParser(add_help=False)
+    unlock = argparse.ArgumentParser(add_help=False)
+    unlock.add_argument(
+        "--passphrase-file",
+        type=Path,
+        metavar="F",
+        help="the CA key's passphrase (init: encrypt the new CA key with it)",
+    )
+    where = argparse.ArgumentParser(add_help=False, parents=[unlock])
     where.add_argument(
         "--dir",
         type=Path,
@@ -552,7 +619,7 @@ def add_pki_commands(sub: Any) -> None:
         help=f"CRL validity in days; re-sign it before then with `pki crl` ({DEFAULT_CRL_DAYS})",
     )
 
-    init = actions.add_parser("init", parents=[crl_days], help="create the fleet CA in DIR")
+    init = actions.add_parser("init", parents=[unlock, crl_days], help="create the fleet CA in DIR")
     init.add_argument("directory", type=Path, metavar="DIR", help="new PKI directory (mode 0700)")
     init.add_argument("--name", default="edge-agent fleet CA", help="the CA's subject CN")
     init.add_argument(
@@ -591,6 +658,14 @@ def add_pki_commands(sub: Any) -> None:
         "device", parents=[where, days], help="issue a device client certificate (CN = device id)"
     )
     device.add_argument("device_id", metavar="ID", help="the device id (its mqtt.device_id)")
+    for parser in (controller, device):
+        parser.add_argument(
+            "--csr",
+            type=Path,
+            metavar="FILE",
+            help="certify the key of this PEM request (made where the key stays) instead "
+            "of making a key here",
+        )
     revoke = actions.add_parser(
         "revoke",
         parents=[where, crl_days],
