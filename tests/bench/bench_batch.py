@@ -11,7 +11,8 @@ temporary repository with the demo key, then times, best of ``--repeat``:
 * batch: the batch runner end to end (verify the model, read Parquet, convert,
   score, write parts durably, write the Parquet output).
 
-Prints one table (rows/s and the ratio batch / raw). Usage::
+Prints one table: rows/s, the ratio batch / raw, and the CPU seconds each used
+(all threads of the process; less disturbed by other load than wall time). Usage::
 
     .venv/bin/python tests/bench/bench_batch.py [--rows 200000] [--batch-size 4096]
         [--threads 1,2] [--repeat 3]
@@ -90,17 +91,20 @@ def _data(path: Path, rows: int, width: int, name: str) -> np.ndarray:
     return x
 
 
-def _raw(model: Path, name: str, x: np.ndarray, batch: int, threads: int) -> float:
+def _raw(
+    model: Path, name: str, x: np.ndarray, batch: int, threads: int
+) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of the loop."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
     sess.run(None, {name: x[:batch]})
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for lo in range(0, len(x), batch):
         sess.run(None, {name: x[lo : lo + batch]})
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> int:
@@ -125,7 +129,7 @@ def main() -> int:
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; best of "
               f"{args.repeat}, raw and batch alternating")
         print(f"{'model':<20} {'rows':>8} {'batch':>6} {'threads':>7} {'raw rows/s':>12} "
-              f"{'batch rows/s':>13} {'ratio':>6}")
+              f"{'batch rows/s':>13} {'ratio':>6} {'raw cpu s':>10} {'batch cpu s':>12}")
         for name, version, tensor, width, rows in cases:
             src = root / f"{name}.parquet"
             x = _data(src, rows, width, tensor)
@@ -133,21 +137,25 @@ def main() -> int:
             for t in threads:
                 # Raw and batch runs alternate, so that load from other processes on the
                 # machine hits both alike; the best of each is compared.
-                raws, times = [], []
+                raws, times, raw_cpus, cpus = [], [], [], []
                 for i in range(args.repeat):
-                    raws.append(_raw(model_file, tensor, x, args.batch_size, t))
+                    wall, cpu = _raw(model_file, tensor, x, args.batch_size, t)
+                    raws.append(wall)
+                    raw_cpus.append(cpu)
                     out = root / f"out-{name}-{t}-{i}.parquet"
-                    start = time.perf_counter()
+                    start, cpu = time.perf_counter(), time.process_time()
                     result = run(BatchOptions(model=name, input=src, output=out,
                                               batch_size=args.batch_size, threads=t,
                                               progress="none"), config, io.StringIO())
                     times.append(time.perf_counter() - start)
+                    cpus.append(time.process_time() - cpu)
                     assert result.rows_out == rows
                     out.unlink()
                 raw = min(raws)
                 best = min(times)
                 print(f"{name:<20} {rows:>8} {args.batch_size:>6} {t:>7} {rows / raw:>12,.0f} "
-                      f"{rows / best:>13,.0f} {raw / best:>6.2f}")
+                      f"{rows / best:>13,.0f} {raw / best:>6.2f} {min(raw_cpus):>10.2f} "
+                      f"{min(cpus):>12.2f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0
