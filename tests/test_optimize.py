@@ -247,3 +247,45 @@ def test_records_authenticate_and_bind_their_key() -> None:
         v.decode_record(json.dumps(forged).encode(), b"k" * 32, key)
     with pytest.raises(v.VariantRecordError, match="unusable name"):
         v.VariantKey("a" * 64, "../1", "CPUExecutionProvider", "b" * 64).directory()
+
+
+# Run in a child process: agent.wire's protobufs and tritonclient's cannot share one.
+_ACTIVATE_WITH_PREPARED = """
+import asyncio, sys
+from pathlib import Path
+import numpy as np
+from agent.serving.model_manager import LoadSettings, ModelManager
+from agent.serving.onnx_runtime import OnnxSession, SessionOptions, share_thread_pools
+from agent.serving.optimizer import OptimizingReader
+from agent.serving.signed_reader import signed_reader
+
+share_thread_pools(1, 1)  # so that the prepared session could serve as it is
+repo, state, trust = map(Path, sys.argv[1:4])
+options = SessionOptions(intra_op_threads=1, inter_op_threads=1)
+plain = signed_reader(trust)
+reader = OptimizingReader(plain, state, options)
+
+async def main() -> None:
+    manager = ModelManager(repo, reader, LoadSettings(options, 1, 16))
+    validated = OnnxSession(plain(repo / "mlp" / "1", "model.onnx"), options)
+    await manager.activate("mlp", 1, prepared=validated)  # as the fleet updater does
+    x = np.random.RandomState(6).standard_normal((4, 512)).astype(np.float32)
+    served = manager.resolve("mlp").scheduler.session.run(["y"], {"x": x})[0]
+    np.save(sys.stdout.buffer, served)
+    await manager.close(5.0)
+
+asyncio.run(main())
+"""
+
+
+def test_fleet_activation_serves_the_variant_not_the_validation_session(tmp_path: Path) -> None:
+    repo, model = signed_repo(tmp_path, LOOSE, ["int8"])
+    child = subprocess.run(
+        [sys.executable, "-c", _ACTIVATE_WITH_PREPARED, str(repo), str(tmp_path / "state"),
+         str(TRUST_DIR)],
+        cwd=REPO_ROOT, capture_output=True, timeout=300, check=False,
+    )
+    assert child.returncode == 0, child.stderr.decode()[-2000:]
+    served = np.load(io.BytesIO(child.stdout))
+    assert record_of(tmp_path / "state")["chosen"] == "int8"
+    np.testing.assert_allclose(served, run(quantize_int8(model), QUERY_X), rtol=1e-5, atol=1e-5)

@@ -47,18 +47,25 @@ def optimize_graph(model_bytes: bytes, provider: str) -> bytes:
         return out.read_bytes()
 
 
-class _DropPreprocessAdvice(logging.Filter):
+class _QuietQuantizer(logging.Filter):
+    """The quantisation tool logs advice and per-tensor notes on the root logger: below
+    warnings they would flood the agent's log, and its generic pre-processing hint is
+    no help on a device."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "pre-processing before quantization" not in record.getMessage()
+        if "quantization" not in record.pathname.replace("\\", "/"):
+            return True
+        advice = "pre-processing before quantization" in record.getMessage()
+        return record.levelno >= logging.WARNING and not advice
 
 
 def quantize_int8(model_bytes: bytes) -> bytes:
     """Dynamic INT8 quantisation: weights stored as int8, activations quantised per run."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    advice = _DropPreprocessAdvice()
+    quiet = _QuietQuantizer()
     root = logging.getLogger()
-    root.addFilter(advice)  # quantize_dynamic logs a generic hint on the root logger
+    root.addFilter(quiet)
     try:
         with tempfile.TemporaryDirectory(prefix="edge-variant-") as tmp:
             src, dst = Path(tmp) / "model.onnx", Path(tmp) / "int8.onnx"
@@ -71,4 +78,4 @@ def quantize_int8(model_bytes: bytes) -> bytes:
                 raise ModelConfigError(f"int8 quantisation failed: {exc}") from exc
             return dst.read_bytes()
     finally:
-        root.removeFilter(advice)
+        root.removeFilter(quiet)
