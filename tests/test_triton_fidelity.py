@@ -315,8 +315,10 @@ def test_explicit_model_control_without_startup_models_loads_none(tmp_path: Path
         try:
             assert c.is_server_ready()
             assert not c.is_model_ready("scaler")
-            ready = c.get_model_repository_index(as_json=True).get("models", [])
-            assert all(m.get("state", "") != "READY" for m in ready)
+            # As Triton, the index lists what can be loaded, unloaded.
+            index = c.get_model_repository_index(as_json=True)["models"]
+            assert [m["name"] for m in index] == ["scaler"]
+            assert index[0].get("state", "") != "READY"
             c.load_model("scaler", client_timeout=TIMEOUT_S)
             assert c.is_model_ready("scaler")
         finally:

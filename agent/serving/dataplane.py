@@ -27,7 +27,7 @@ from agent.serving.inference import (
     wire_output_shape,
 )
 from agent.serving.model_manager import UNAVAILABLE, ModelManager, ServingModel
-from agent.serving.repository import check_model_name
+from agent.serving.repository import check_model_name, scan_repository_entries
 from agent.serving.scheduler import Completed
 from agent.serving.shared_memory import RegionStatus, SharedMemoryRegistry
 from agent.wire import model_config_pb2 as mc
@@ -153,6 +153,21 @@ class DataPlane:
                     if name and p.version
                 )
             entries.sort(key=lambda e: (e.name, _version_order(e.version)))
+        return entries
+
+    async def repository_index_with_unloaded(self, ready_only: bool = False) -> list[IndexEntry]:
+        """``repository_index``; in explicit mode also the repository's models that are
+        not loaded (name only, as Triton lists them), so a client can find what to load."""
+        entries = self.repository_index(ready_only)
+        if ready_only or not self.explicit_model_control:
+            return entries
+        try:
+            scan = await asyncio.to_thread(scan_repository_entries, self.models.root)
+        except OSError:
+            return entries
+        known = set(self.models.states()) | {e.name for e in entries}
+        entries.extend(IndexEntry(name, "", "", "") for name in scan.models if name not in known)
+        entries.sort(key=lambda e: (e.name, _version_order(e.version)))
         return entries
 
     async def load_model(self, name: str, caller: ControlCaller | None = None) -> None:

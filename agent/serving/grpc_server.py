@@ -273,7 +273,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryIndexResponse(
             models=[
                 Entry(name=e.name, version=e.version, state=e.state, reason=e.reason)
-                for e in self._plane.repository_index(request.ready)
+                for e in await self._plane.repository_index_with_unloaded(request.ready)
             ]
         )
 
