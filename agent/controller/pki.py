@@ -543,7 +543,13 @@ def _run(args: argparse.Namespace) -> int:
         elif action == "crl":
             print(f"CRL {_pki(args).write_crl(args.crl_days)}")
         elif action == "list":
-            for e in _pki(args).entries():
+            pki = _pki(args)
+            crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())
+            print(
+                f"CRL {pki.crl_path}: {len(crl)} revoked, re-sign it (`pki crl`) before "
+                f"{crl.next_update_utc:%Y-%m-%d}"
+            )
+            for e in pki.entries():
                 state = f"revoked {e['revoked_at'][:19]}" if e["revoked_at"] else "valid"
                 print(
                     f"{e['kind']:<10} {e['common_name']:<32} {e['serial']:<40} "
@@ -562,6 +568,11 @@ def _run(args: argparse.Namespace) -> int:
             pki = _pki(args)
             written = write_mosquitto(pki, args.out, options)
             print(f"wrote {', '.join(str(p) for p in written)}")
+            if not args.user:
+                print(
+                    f"mosquitto started as root reads these as its own account: "
+                    f"`chown -R mosquitto: {written[0].parent}`"
+                )
             if not pki.current("controller"):
                 print(
                     "warning: no controller certificate yet, the ACL gives no one the "
