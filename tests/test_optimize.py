@@ -289,3 +289,23 @@ def test_fleet_activation_serves_the_variant_not_the_validation_session(tmp_path
     served = np.load(io.BytesIO(child.stdout))
     assert record_of(tmp_path / "state")["chosen"] == "int8"
     np.testing.assert_allclose(served, run(quantize_int8(model), QUERY_X), rtol=1e-5, atol=1e-5)
+
+
+def test_a_bad_signed_policy_serves_the_original_and_says_why(tmp_path: Path) -> None:
+    from agent.serving.optimizer import OptimizingReader
+    from agent.signing.version_dir import verify_version
+
+    repo, model = signed_repo(tmp_path, LOOSE, ["int8"])
+    version_dir = repo / MODEL / "1"
+    (version_dir / v.POLICY_FILE).write_text('{"schema": "edge.optimize", "version": 1, '
+                                             '"allow": ["int8"], "min_speedup": 0.01}')
+    sign_version(version_dir, keys.load_private_key(DEMO_KEY))
+    trust = keys.TrustStore.from_directory(TRUST_DIR)
+
+    def verified(d: Path, name: str) -> bytes:
+        return bytes(verify_version(d, trust, load=(name,)).contents[name])
+
+    reader = OptimizingReader(verified, tmp_path / "state", SessionOptions(intra_op_threads=1))
+    assert reader(version_dir, "model.onnx") == model
+    (report,) = reader.optimization_reports([(MODEL, "1")])
+    assert report["variant"] == "original" and "min_speedup" in report["reason"]
