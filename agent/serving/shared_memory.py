@@ -8,10 +8,10 @@ bytes. Inputs are read from the mapping in place; outputs are written into it.
 Every region is checked when registered: the key must name one object directly
 under ``/dev/shm`` (no path, no ``..``, no symlink followed), a regular file
 the agent itself can open for reading and writing (the file's permissions are
-the ownership check), and the window must lie inside the object. Every use is
-checked against the window. Regions are unmapped when unregistered and when the
-agent stops; a mapping still referenced by a request in flight is released when
-that request lets go of it.
+the ownership check) with no other hard link, and the window must lie inside
+the object. Every use is checked against the window. Regions are unmapped when
+unregistered and when the agent stops; a mapping still referenced by a request
+in flight is released when that request lets go of it.
 """
 
 from __future__ import annotations
@@ -110,6 +110,11 @@ class SharedMemoryRegistry:
             if not stat.S_ISREG(st.st_mode):
                 raise InvalidInputError(
                     f"shared memory region '{name}': key {key!r} is not a shared memory object"
+                )
+            if st.st_nlink != 1:  # a hard link would let a key name some other file
+                raise InvalidInputError(
+                    f"shared memory region '{name}': key {key!r} has {st.st_nlink} links "
+                    "(a shared memory object has one)"
                 )
             if offset + byte_size > st.st_size:
                 raise InvalidInputError(

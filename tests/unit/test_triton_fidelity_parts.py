@@ -124,6 +124,10 @@ def test_shared_memory_registry_checks_and_releases(tmp_path: Path) -> None:
         reg.register("r", "/fifo", 0, 16)
     with pytest.raises(InvalidInputError, match="beyond the end"):
         reg.register("r", "/region", 60, 8)
+    (root / "other").write_bytes(bytes(64))
+    os.link(root / "other", root / "hardlink")
+    with pytest.raises(InvalidInputError, match="2 links"):
+        reg.register("r", "/hardlink", 0, 16)
     reg.register("r", "/region", 16, 32)
     assert bytes(reg.read("input 'x'", "r", 4, 4)) == bytes([20, 21, 22, 23])
     with pytest.raises(InvalidInputError, match="outside region 'r'"):
