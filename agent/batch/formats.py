@@ -441,8 +441,9 @@ def check_output(fmt: str, schema: pa.Schema) -> None:
 
 
 def read_part(path: Path) -> pa.Table:
+    """A part's rows (the schema metadata, rejected rows, is not output)."""
     with pa.memory_map(str(path)) as source:
-        return ipc.open_stream(source).read_all()
+        return ipc.open_stream(source).read_all().replace_schema_metadata(None)
 
 
 def _numpy_column(column: pa.ChunkedArray | pa.Array) -> np.ndarray[Any, Any]:

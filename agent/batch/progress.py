@@ -19,7 +19,7 @@ class Progress:
         self._tty = tty
         self._off = mode == "none"
         self._start = time.monotonic()
-        self._last = 0.0
+        self._last = self._start  # the first line after one interval, not at once
         self._base_rows = 0
         self._base_fraction: float | None = None
         self._drawn = False

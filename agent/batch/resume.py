@@ -3,11 +3,18 @@
 The work directory (next to the output, so renames stay on one file system)
 holds ``progress.json`` (the run's identity: the input file's size, mtime and
 a hash of its first and last MiB; the model's verified digest; every setting
-that changes the output) and one part file per finished input batch
-(``part-<k>.arrow``, with ``rejects-<k>.jsonl`` before it when rows were set
-aside). Each file is written to a temporary name, fsynced and renamed, so a
-part exists whole or not at all; the parts present from 0 up are the batches
-done. A re-run with a different identity starts over.
+that changes the output) and one part file per finished input batch,
+``part-<k>-<sha256>.arrow``: an Arrow IPC stream of the batch's output rows
+whose schema metadata carries the rows set aside (``--rejects``), named with
+the SHA-256 of its own bytes.
+
+Parts are renamed into place whole but not fsynced: they only save work. A
+SIGKILL loses nothing renamed (the page cache survives the process); after a
+power cut, a part that did not reach the disk whole is found by its name's
+digest not matching its bytes, and it and every later part are scored again.
+The parts present and sound from 0 up are the batches done. The output and
+the rejects file are fsynced before they are renamed into place.
+A re-run with a different identity starts over.
 """
 
 from __future__ import annotations
@@ -29,9 +36,11 @@ from agent.common.durable import fsync_dir, remove_temporaries, write_atomically
 from agent.errors import ConfigError
 
 RECORD = "progress.json"
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2
+REJECTS_KEY = b"edge_agent.rejects"
 _MIB = 1 << 20
-_OURS = re.compile(r"(part-\d{8}\.arrow|rejects-\d{8}\.jsonl|progress\.json)(\.tmp)?\Z")
+_PART = re.compile(r"part-(\d{8})-([0-9a-f]{64})\.arrow\Z")
+_OURS = re.compile(r"(part-\d{8}-[0-9a-f]{64}\.arrow|progress\.json|\.part-\d{8}\.tmp)\Z")
 
 
 def input_identity(path: Path) -> dict[str, Any]:
@@ -50,17 +59,29 @@ def input_identity(path: Path) -> dict[str, Any]:
     }
 
 
-def part_name(index: int) -> str:
-    return f"part-{index:08d}.arrow"
+def _rejects_jsonl(rejects: list[Rejection], rows: Mapping[int, dict[str, Any]]) -> bytes:
+    lines = []
+    for r in rejects:
+        entry: dict[str, Any] = {"row": r.row, "column": r.column, "error": r.reason}
+        if r.text:
+            entry["text"] = r.text
+        if r.row is not None and r.row in rows:
+            entry["values"] = rows[r.row]
+        lines.append(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+    return "".join(lines).encode()
 
 
-def rejects_name(index: int) -> str:
-    return f"rejects-{index:08d}.jsonl"
+def part_rejects(path: Path) -> bytes:
+    """The rejected rows' JSON lines a part carries."""
+    with pa.memory_map(str(path)) as source:
+        metadata = ipc.open_stream(source).schema.metadata or {}
+    return bytes(metadata.get(REJECTS_KEY, b""))
 
 
 class WorkDir:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._parts: dict[int, Path] = {}
 
     def open(self, identity: Mapping[str, Any]) -> tuple[int, bool]:
         """Make the directory ready for a run with ``identity``: (batches done, whether
@@ -74,13 +95,24 @@ class WorkDir:
             self._clear()
             write_atomically(self.path / RECORD, json.dumps(record, sort_keys=True).encode())
             return 0, cleared
+        found: dict[int, tuple[str, str]] = {}
+        for name in os.listdir(self.path):
+            m = _PART.fullmatch(name)
+            if m:
+                found[int(m.group(1))] = (name, m.group(2))
+            elif name.endswith(".tmp"):
+                os.unlink(self.path / name)  # a part being written when the run stopped
         done = 0
-        while (self.path / part_name(done)).exists():
+        while done in found:
+            name, digest = found[done]
+            if hashlib.sha256((self.path / name).read_bytes()).hexdigest() != digest:
+                break  # never reached the disk whole (power cut): score it again
+            self._parts[done] = self.path / name
             done += 1
-        for name in os.listdir(self.path):  # leftovers of an interrupted write
-            m = re.fullmatch(r"(?:part|rejects)-(\d{8})\.\w+(\.tmp)?", name)
-            if m and (m.group(2) or int(m.group(1)) >= done):
+        for index, (name, _) in found.items():
+            if index >= done:
                 os.unlink(self.path / name)
+        fsync_dir(self.path)
         return done, False
 
     def _read_record(self) -> dict[str, Any] | None:
@@ -104,29 +136,28 @@ class WorkDir:
 
     def write_part(self, index: int, batch: pa.RecordBatch, rejects: list[Rejection],
                    rows: Mapping[int, dict[str, Any]]) -> None:
+        schema = batch.schema
         if rejects:
-            lines = []
-            for r in rejects:
-                entry: dict[str, Any] = {"row": r.row, "column": r.column, "error": r.reason}
-                if r.text:
-                    entry["text"] = r.text
-                if r.row is not None and r.row in rows:
-                    entry["values"] = rows[r.row]
-                lines.append(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
-            write_atomically(self.path / rejects_name(index), "".join(lines).encode())
-        tmp = self.path / (part_name(index) + ".tmp")
-        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_stream(sink, batch.schema) as writer:
-            writer.write_batch(batch)
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / part_name(index))
-        fsync_dir(self.path)
+            schema = schema.with_metadata({REJECTS_KEY: _rejects_jsonl(rejects, rows)})
+        sink = pa.BufferOutputStream()
+        with ipc.new_stream(sink, schema) as writer:
+            writer.write_batch(batch.replace_schema_metadata(schema.metadata))
+        data = sink.getvalue().to_pybytes()
+        final = self.path / f"part-{index:08d}-{hashlib.sha256(data).hexdigest()}.arrow"
+        tmp = self.path / f".part-{index:08d}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        self._parts[index] = final
 
     def parts(self, count: int) -> list[Path]:
-        return [self.path / part_name(i) for i in range(count)]
-
-    def rejects(self, count: int) -> list[Path]:
-        return [p for i in range(count) if (p := self.path / rejects_name(i)).exists()]
+        return [self._parts[i] for i in range(count)]
 
     def remove(self) -> None:
         for name in os.listdir(self.path):

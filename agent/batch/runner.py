@@ -3,7 +3,7 @@
 Three threads share the work so that onnxruntime is never waiting on files: a
 reader (read a batch, convert its columns to tensors, set bad rows aside), the
 caller's thread (runs the model) and a writer (writes each batch's part
-durably). Queues between them hold two batches each, so memory stays bounded
+whole, by rename). Queues between them hold two batches each, so memory stays bounded
 by a few batches whatever the size of the file.
 """
 
@@ -34,7 +34,7 @@ from agent.batch.convert import (
 )
 from agent.batch.plan import InputBinding, OutputBinding, bind_inputs, bind_outputs, parse_maps
 from agent.batch.progress import Progress
-from agent.batch.resume import WorkDir, input_identity
+from agent.batch.resume import WorkDir, input_identity, part_rejects
 from agent.common.buffers import FileBytes, as_bytes
 from agent.common.durable import fsync_dir
 from agent.config import AgentConfig
@@ -375,15 +375,15 @@ def _finalize(work: WorkDir, batches: int, fmt: str, options: BatchOptions,
     if fmt in ("npy", "npz"):
         rows = sum(formats.read_part(p).num_rows for p in parts)
     if options.rejects is not None:
-        _atomic(options.rejects, lambda tmp: _concat(work.rejects(batches), tmp))
+        _atomic(options.rejects, lambda tmp: _concat(parts, tmp))
     _atomic(options.output, lambda tmp: formats.write_output(fmt, tmp, schema, parts, rows))
     work.remove()
 
 
-def _concat(files: list[Path], dest: Path) -> None:
+def _concat(parts: list[Path], dest: Path) -> None:
     with dest.open("wb") as out:
-        for f in files:
-            out.write(f.read_bytes())
+        for part in parts:
+            out.write(part_rejects(part))
         out.flush()
         os.fsync(out.fileno())
 
