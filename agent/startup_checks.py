@@ -14,16 +14,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from agent.common.paths import resolved
 from agent.config import AgentConfig
 from agent.errors import AgentError, ConfigError
-
-
-def resolved(path: str) -> str:
-    """``path`` as the agent will use it, saying what a relative one was resolved against."""
-    p = Path(path)
-    if p.is_absolute():
-        return str(p)
-    return f"{Path.cwd() / p} ({path!r} is relative: resolved against the working directory)"
 
 
 def _problem(config: AgentConfig, key: str, path: str, what: str, fix: str) -> ConfigError:

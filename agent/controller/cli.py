@@ -121,8 +121,8 @@ def run_publish(args: argparse.Namespace) -> int:
 
 def _trust_store(config: ControllerConfig) -> Any:
     """The model-signing trust store; a missing or empty one is a config error (exit 2)."""
+    from agent.common.paths import resolved
     from agent.signing.keys import TrustStore, TrustStoreError
-    from agent.startup_checks import resolved
 
     try:
         return TrustStore.from_directory(config.trust_dir)
