@@ -565,6 +565,12 @@ def main() -> int:
             deploy_trust = tmp / "deploy-trust"
             deploy_trust.mkdir()
             shutil.copy(deploy_pair.public_key, deploy_trust)
+            # The controller serves a blob only to devices a deployment gives it to.
+            from agent.controller.deploy import issue_deployment
+            from agent.signing.keys import load_private_key
+
+            issue_deployment(ArtifactStore(store), "bench_model", 1, [DEVICE],
+                             load_private_key(deploy_pair.private_key))
             controller = ControllerProcess(config).wait_serving()
             # Repeats are interleaved (every setting once, then again): the host's speed
             # drifts over a run, and each setting should see the whole of the drift.
