@@ -140,6 +140,8 @@ def _from_list(arr: pa.Array, binding: InputBinding, column: str) -> tuple[Array
     good = np.flatnonzero(lengths == size)
     subset = arr if len(good) == n else arr.take(pa.array(good))
     flat, bad_elements = _scalars(subset.flatten(), binding.datatype, "")
+    if len(good) == n and not bad_elements:
+        return flat.reshape(n, size), bad  # the common case: no copy
     out = np.zeros((n, size), dtype=NUMPY_DTYPES[binding.datatype])
     if binding.datatype == "BYTES":
         out[:] = ""
