@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.common.durable import write_atomically
 from agent.fleet.state_store import (
     AgentState,
     JobRecord,
     ModelRecord,
     StateError,
     StateStore,
-    write_atomically,
 )
 
 
