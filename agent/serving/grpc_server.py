@@ -86,36 +86,30 @@ def _shared_memory_ref(what: str, parameters: Any) -> SharedMemoryRef | None:
 
 
 def _output_options(msg: pb.ModelInferRequest) -> dict[str, OutputOptions] | None:
-    options: dict[str, OutputOptions] = {}
+    options: dict[str, OutputOptions] | None = None
     for out in msg.outputs:
-        if not out.parameters:
+        if not len(out.parameters):
             continue
         what = f"output '{out.name}'"
         count = out.parameters.get("classification")
+        if options is None:
+            options = {}
         options[out.name] = OutputOptions(
             shm=_shared_memory_ref(what, out.parameters),
             class_count=0 if count is None else _int_parameter(what, "classification", count),
         )
-    return options or None
+    return options
 
 
 def request_from_wire(msg: pb.ModelInferRequest, time_remaining: float | None) -> InferenceRequest:
     raw = msg.raw_input_contents
-    refs = [
-        _shared_memory_ref(f"input '{t.name}'", t.parameters) if t.parameters else None
-        for t in msg.inputs
-    ]
-    in_shm = sum(r is not None for r in refs)
+    n_raw = len(raw)
     # raw_input_contents holds one entry per input, or (as tritonclient sends it)
     # one per input that is not in shared memory, in order.
-    positional = len(raw) == len(msg.inputs)
-    if raw and not positional and len(raw) != len(msg.inputs) - in_shm:
-        raise InvalidInputError(
-            f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs"
-            + (f" ({in_shm} in shared memory)" if in_shm else "")
-        )
-    inputs = []
+    positional = n_raw == len(msg.inputs)
     next_raw = 0
+    in_shm = 0
+    inputs = []
     for i, tensor in enumerate(msg.inputs):
         typed = None
         if tensor.HasField("contents"):
@@ -126,38 +120,41 @@ def request_from_wire(msg: pb.ModelInferRequest, time_remaining: float | None) -
                     "contents; use raw_input_contents"
                 )
             typed = getattr(tensor.contents, field)
-        shm = refs[i]
+        shm = (
+            _shared_memory_ref(f"input '{tensor.name}'", tensor.parameters)
+            if len(tensor.parameters) else None
+        )
         data = None
-        if raw and positional:
-            data = raw[i]
-            if shm is not None and len(data):
+        if shm is not None:
+            in_shm += 1
+            if positional and len(raw[i]):
                 raise InvalidInputError(
                     f"input '{tensor.name}': data given both in shared memory and in "
                     "raw_input_contents"
                 )
-        elif raw and shm is None:
+        elif positional:
+            data = raw[i] if n_raw else None
+        elif next_raw < n_raw:
             data = raw[next_raw]
             next_raw += 1
-        inputs.append(
-            InputTensor(
-                tensor.name,
-                tensor.datatype,
-                tuple(tensor.shape),
-                None if shm is not None else data,
-                typed,
-                shm,
-            )
-        )
-        if (raw or shm is not None) and typed is not None and len(typed) == 0:
+        inputs.append(InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data,
+                                  typed, shm))
+        if (n_raw or shm is not None) and typed is not None and len(typed) == 0:
             inputs[-1].typed = None  # an empty contents message carries nothing
+    if n_raw and not positional and next_raw + in_shm != len(msg.inputs):
+        raise InvalidInputError(
+            f"raw_input_contents has {n_raw} entries for {len(msg.inputs)} inputs"
+            + (f" ({in_shm} in shared memory)" if in_shm else "")
+        )
+    outputs = msg.outputs
     return InferenceRequest(
         model_name=msg.model_name,
         model_version=msg.model_version,
         request_id=msg.id,
         inputs=inputs,
-        requested_outputs=[o.name for o in msg.outputs] or None,
+        requested_outputs=[o.name for o in outputs] or None,
         deadline=None if time_remaining is None else _monotonic() + time_remaining,
-        output_options=_output_options(msg) if msg.outputs else None,
+        output_options=_output_options(msg) if outputs else None,
         shared_memory_inputs=in_shm > 0,
     )
 
