@@ -27,7 +27,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from agent.controller.pki import fleet_acl
+from agent.controller.broker_config import fleet_acl
 from agent.mqtt.client import Message, MqttClient, MqttError, MqttSettings
 from tests.controller_process import run_controller
 from tests.mqtt_broker import find_mosquitto, free_port

@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--json", action="store_true", help="one JSON line per redraw")
     watch.set_defaults(func=run_watch)
 
-    from agent.controller.pki import add_pki_commands
+    from agent.controller.pki_cli import add_pki_commands
 
     add_pki_commands(sub)
     return parser
