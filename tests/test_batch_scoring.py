@@ -344,3 +344,39 @@ def test_systemd_batch_template_verifies_and_is_hardened(tmp_path: Path) -> None
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
     assert match is not None, security.stdout[-500:]
     assert float(match.group(1)) <= 2.0
+
+
+def _peak_rss_kib(config: Path, src: Path, out: Path) -> int:
+    """Run the command in a child that reports its own peak RSS (KiB) on its last line."""
+    code = (
+        "import resource, sys\nfrom agent.cli import main\n"
+        f"rc = main(['batch', {MODEL!r}, {str(src)!r}, '-o', {str(out)!r}, '--config', "
+        f"{str(config)!r}, '--keep', 'id', '--progress', 'none'])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return int(result.stderr.strip().splitlines()[-1])
+
+
+def test_memory_stays_bounded_by_batches_not_the_file(signed, tmp_path: Path) -> None:
+    _repo_dir, config = signed
+    small = _parquet(tmp_path / "small.parquet", _features(100_000), row_group=65_536)
+    big = tmp_path / "big.parquet"
+    schema = pa.schema([("id", pa.int64()), ("features", pa.list_(pa.float32(), 8))])
+    with pq.ParquetWriter(big, schema) as writer:  # 3 M rows, about 110 MB on disk
+        for lo in range(0, 3_000_000, 500_000):
+            x = _features(500_000, seed=lo)
+            writer.write_table(pa.table({
+                "id": np.arange(lo, lo + 500_000),
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 8),
+            }, schema=schema), row_group_size=65_536)
+    size_mib = big.stat().st_size / 2**20
+    assert size_mib > 80
+    small_rss = _peak_rss_kib(config, small, tmp_path / "small-out.parquet")
+    big_rss = _peak_rss_kib(config, big, tmp_path / "big-out.parquet")
+    # 30x the rows: the peak may grow by a fraction of the file, not by the file.
+    assert (big_rss - small_rss) / 1024 < size_mib / 3, (small_rss, big_rss, size_mib)
+    assert pq.ParquetFile(tmp_path / "big-out.parquet").metadata.num_rows == 3_000_000

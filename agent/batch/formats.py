@@ -117,7 +117,9 @@ def _one(table: pa.Table, schema: pa.Schema) -> pa.RecordBatch:
 
 class ParquetSource(Source):
     def __init__(self, path: Path) -> None:
-        self._file = pq.ParquetFile(path, memory_map=False)
+        # No pre-buffering: it would read every requested row group up front, the
+        # whole file, when memory must stay bounded by a few batches.
+        self._file = pq.ParquetFile(path, memory_map=False, pre_buffer=False)
         self.schema = self._file.schema_arrow
         self.total_rows = self._file.metadata.num_rows
 
@@ -138,15 +140,15 @@ class ParquetSource(Source):
 
         def pieces() -> Iterator[tuple[pa.RecordBatch, list[Rejection]]]:
             nonlocal to_skip
-            for b in self._file.iter_batches(
-                batch_size=size, row_groups=range(group, meta.num_row_groups),
-                columns=list(columns), use_threads=False,
-            ):
-                if to_skip:
-                    cut = min(to_skip, b.num_rows)
-                    b = b.slice(cut)
-                    to_skip -= cut
-                yield b, []
+            for g in range(group, meta.num_row_groups):  # one row group in memory at a time
+                for b in self._file.iter_batches(
+                    batch_size=size, row_groups=[g], columns=list(columns), use_threads=False,
+                ):
+                    if to_skip:
+                        cut = min(to_skip, b.num_rows)
+                        b = b.slice(cut)
+                        to_skip -= cut
+                    yield b, []
 
         yield from rechunk(pieces(), schema, size, start)
 
