@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +26,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.errors import AgentError
 from agent.serving import onnx_external
 from agent.serving.onnx_external import ExternalDataError
 from agent.serving.onnx_runtime import OnnxSession, SessionOptions
@@ -344,21 +345,37 @@ def test_the_fleet_validator_loads_in_version_external_data_with_the_model(
     tmp_path: Path,
 ) -> None:
     """The update path: the staged model names its weights file, the updater loads it in
-    the same verified pass, and the validated session computes with those bytes."""
-    import asyncio
+    the same verified pass, and the validated session computes with those bytes.
 
-    from agent.adapters.fleet import OnnxVersionValidator
-
+    In a child process: the validator imports the agent's protobuf modules, which
+    cannot share a process with tritonclient (tests/unit/conftest.py)."""
     directory = _version(tmp_path, "ext", 1, "weights.bin")
-    validator = OnnxVersionValidator(SessionOptions(), lambda session: None)
-    assert validator.referenced_files(directory / "model.onnx") == ("weights.bin",)
-    contents = {"weights.bin": (directory / "weights.bin").read_bytes()}
-    result = asyncio.run(validator.validate(
-        "ext", None, (directory / "model.onnx").read_bytes(), contents
-    ))
-    x = np.arange(6, dtype=np.float32).reshape(2, 3)
-    (y,) = result.prepared.run(["y"], {"x": x})
-    np.testing.assert_allclose(y, x @ W)
-    # Without the weights among the verified files, the model is refused.
-    with pytest.raises(AgentError, match=r"weights\.bin"):
-        asyncio.run(validator.validate("ext", None, (directory / "model.onnx").read_bytes(), {}))
+    code = f"""
+import asyncio, sys
+from pathlib import Path
+import numpy as np
+from agent.adapters.fleet import OnnxVersionValidator
+from agent.errors import AgentError
+from agent.serving.onnx_runtime import SessionOptions
+d = Path({str(directory)!r})
+v = OnnxVersionValidator(SessionOptions(), lambda session: None)
+named = v.referenced_files(d / "model.onnx")
+assert named == ("weights.bin",), named
+model = (d / "model.onnx").read_bytes()
+weights = {{"weights.bin": (d / "weights.bin").read_bytes()}}
+result = asyncio.run(v.validate("ext", None, model, weights))
+x = np.arange(6, dtype=np.float32).reshape(2, 3)
+w = np.arange(12, dtype=np.float32).reshape(3, 4)
+np.testing.assert_allclose(result.prepared.run(["y"], {{"x": x}})[0], x @ w)
+try:
+    asyncio.run(v.validate("ext", None, model, {{}}))
+except AgentError as exc:
+    assert "weights.bin" in str(exc), exc
+    print("refused:", exc)
+else:
+    sys.exit("validated without its weights")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "refused:" in done.stdout
