@@ -56,7 +56,8 @@ def test_defaults_are_the_documented_ones() -> None:
     assert config.signing.allow_unsigned_models is False  # secure by default
     assert config.repository.model_control == "none"
     assert config.runtime.execution_providers == ("CPUExecutionProvider",)
-    assert config.runtime.default_instance_count >= 1
+    assert config.runtime.default_instance_count == 0  # decided from the CPUs at start
+    assert config.runtime.execution == "auto"
     assert config.runtime.default_max_queue_size >= 1
 
 
@@ -129,8 +130,9 @@ WRONG: list[tuple[str, dict[str, Any], list[str]]] = [
      ["'repository.startup_models.1'"]),
     ("below minimum", {"server": {"max_message_bytes": 10}}, ["'server.max_message_bytes'"]),
     ("negative", {"server": {"drain_timeout_s": -1}}, ["'server.drain_timeout_s'"]),
-    ("zero instances", {"runtime": {"default_instance_count": 0}},
+    ("negative instances", {"runtime": {"default_instance_count": -1}},
      ["'runtime.default_instance_count'"]),
+    ("bad execution", {"runtime": {"execution": "gpu"}}, ["'runtime.execution'"]),
     ("zero queue", {"runtime": {"default_max_queue_size": 0}},
      ["'runtime.default_max_queue_size'"]),
     ("no providers", {"runtime": {"execution_providers": []}},
@@ -256,7 +258,7 @@ def test_random_valid_values_are_accepted_as_given(intra: int, instances: int, p
 
 
 @settings(max_examples=200, deadline=None)
-@given(value=st.integers().filter(lambda v: not 1 <= v <= 256))
+@given(value=st.integers().filter(lambda v: not 0 <= v <= 256))
 def test_out_of_range_instance_counts_are_rejected(value: int) -> None:
     with pytest.raises(ConfigError, match=r"runtime\.default_instance_count"):
         build_config({"runtime": {"default_instance_count": value}})
