@@ -143,7 +143,7 @@ def test_a_model_that_turns_slow_moves_off_the_loop_and_back(auto_agent: AgentPr
     client = grpcclient.InferenceServerClient(auto_agent.address)
     try:
         big = np.ones((1, 3000), np.float32)  # a 3000 x 3000 product: milliseconds
-        for _ in range(10):  # bounded; one such run is far over any hop
+        for _ in range(30):  # bounded; a few such runs lift the average over the threshold
             _identity(client, "gram", big)
             if _moves(auto_agent, "gram"):
                 break

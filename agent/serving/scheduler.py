@@ -84,9 +84,16 @@ INLINE = "inline"
 WORKER = "worker"
 EXECUTION_MODES = (AUTO, INLINE, WORKER)
 
-_EWMA_WEIGHT = 0.25  # of the newest run: one run 4x over the threshold moves a model
-# Back inline only below half the threshold: a model near it does not flap.
+_EWMA_WEIGHT = 0.1  # of the newest run
+# One run counts at most this many thresholds: a run the machine preempted (wall time
+# on a busy host) does not move a model alone; three slow runs in a row do.
+_SAMPLE_CAP = 4.0
+# Back inline only below this share of the threshold: a model near it does not flap.
 _BACK_INLINE = 0.75
+# A model on its workers is tried inline again (a probe: one request that comes
+# alone) after this many worker runs of which the fastest was below the back-inline
+# bound. Worker-side times cannot decide alone: they include waits for the GIL.
+PROBE_AFTER_RUNS = 32
 
 _handoff_cached: int | None = None
 # However dear a hop is measured (a machine so busy that wake-ups wait milliseconds
@@ -365,21 +372,48 @@ class Scheduler:
             and execution.initial_ns < execution.threshold_ns
         )
         self.moves = 0  # times auto mode changed where the model runs
+        self._worker_runs = 0  # since the last probe
+        self._worker_min = float("inf")  # fastest of those
 
-    def _observe(self, t: ExecutionTimings) -> None:
-        """Loop thread, after each run: follow its run time; in auto mode, move the
-        model between the loop and its workers when the EWMA crosses the threshold."""
+    def _observe(self, t: ExecutionTimings, hop_ns: int | None = None) -> None:
+        """Loop thread, after a worker run: note how fast it was (auto mode) and, for a
+        request that came alone (nothing queued before it), what its hop cost beyond
+        the run: the threshold follows that, the hop as it is while serving (caches
+        cold between requests, a busy host), not only as measured at load."""
+        if self._auto:
+            if hop_ns is not None:
+                self._threshold += _EWMA_WEIGHT * (min(hop_ns, MAX_INLINE_NS) - self._threshold)
+            self._worker_runs += 1
+            run_ns = t.infer_ns  # onnxruntime's part, as measured at load
+            if run_ns < self._worker_min:
+                self._worker_min = run_ns
+
+    def _probe_due(self) -> bool:
+        """Whether a model on its workers should try its next lone request inline."""
+        return (
+            self._auto
+            and self._worker_runs >= PROBE_AFTER_RUNS
+            and self._worker_min < self._threshold * _BACK_INLINE
+        )
+
+    def _observe_inline(self, t: ExecutionTimings, probe: bool) -> None:
+        """Loop thread, after a run on it: follow the EWMA of inline run times; off the
+        loop when it passes the threshold; a probe's own time decides alone."""
         if not self._auto:
             return
-        run_ns = t.input_ns + t.infer_ns + t.output_ns
+        run_ns = t.infer_ns  # onnxruntime's part, as measured at load
+        if probe:
+            self._worker_runs = 0
+            self._worker_min = float("inf")
+            self.run_ewma_ns = float(run_ns)
+            if run_ns < self._threshold * _BACK_INLINE:
+                self._move(True)
+            return
         ewma = self.run_ewma_ns
-        ewma += _EWMA_WEIGHT * (run_ns - ewma)
+        ewma += _EWMA_WEIGHT * (min(run_ns, _SAMPLE_CAP * self._threshold) - ewma)
         self.run_ewma_ns = ewma
-        if self.inline:
-            if ewma > self._threshold:
-                self._move(False)
-        elif ewma < self._threshold * _BACK_INLINE:
-            self._move(True)
+        if ewma > self._threshold:
+            self._move(False)
 
     def _move(self, inline: bool) -> None:
         self.inline = inline
@@ -396,11 +430,11 @@ class Scheduler:
             },
         )
 
-    def _run_inline(self, decoded: DecodedRequest) -> Completed:
+    def _run_inline(self, decoded: DecodedRequest, probe: bool = False) -> Completed:
         """On the loop thread: the whole run, now (the caller checked the deadline)."""
         done = run_batch(self.session, (decoded,), (_perf_ns(),), self.spec.name)[0]
         self.stats.record_execution(done.timings)
-        self._observe(done.timings)
+        self._observe_inline(done.timings, probe)
         return done
 
     async def submit(self, decoded: DecodedRequest, deadline: float | None) -> Completed:
@@ -474,18 +508,22 @@ class DirectScheduler(Scheduler):
     async def submit(self, decoded: DecodedRequest, deadline: float | None) -> Completed:
         if self.inline:
             return self._run_inline(decoded)
+        if self.in_flight == 0 and self._probe_due():
+            return self._run_inline(decoded, probe=True)
         if self.in_flight >= self._limit:
             raise QueueFullError(
                 f"model '{self.spec.name}' has {self.in_flight} requests queued or running "
                 f"(limit {self._limit})"
             )
         future: asyncio.Future[Completed] = asyncio.get_running_loop().create_future()
+        alone = self.in_flight == 0
         self._begin()
+        enqueued = _perf_ns()
         try:
             self.workers.submit(
                 self._run_one,
-                (decoded, deadline, _perf_ns()),
-                partial(self._run_finished, future),
+                (decoded, deadline, enqueued),
+                partial(self._run_finished, future, enqueued if alone else 0),
             )
         except BaseException:  # the workers are shut down (the version was retired)
             self._end()
@@ -493,7 +531,11 @@ class DirectScheduler(Scheduler):
         return await future
 
     def _run_finished(
-        self, future: asyncio.Future[Completed], done: Completed | None, exc: BaseException | None
+        self,
+        future: asyncio.Future[Completed],
+        alone_since: int,  # perf_ns when submitted if nothing else was in flight, else 0
+        done: Completed | None,
+        exc: BaseException | None,
     ) -> None:
         # Book-keeping follows the worker, not the caller: a caller that goes away
         # (client cancelled, deadline) while its run is under way must neither free
@@ -502,7 +544,13 @@ class DirectScheduler(Scheduler):
         if exc is None:
             assert done is not None
             self.stats.record_execution(done.timings)
-            self._observe(done.timings)
+            t = done.timings
+            self._observe(
+                t,
+                _perf_ns() - alone_since - t.input_ns - t.infer_ns - t.output_ns
+                if alone_since
+                else None,
+            )
         if future.done():  # the caller went away
             return
         if exc is None:
@@ -578,6 +626,8 @@ class DynamicBatcher(Scheduler):
         alone = self.in_flight == 0
         if alone and self.inline:
             return self._run_inline(decoded)
+        if alone and self._probe_due():
+            return self._run_inline(decoded, probe=True)
         if self._default_timeout_s:
             own = _monotonic() + self._default_timeout_s
             deadline = own if deadline is None else min(deadline, own)
@@ -812,8 +862,15 @@ class DynamicBatcher(Scheduler):
                     p.future.set_exception(exc)
         else:
             assert results is not None
-            self.stats.record_execution(results[0].timings)
-            self._observe(results[0].timings)
+            t = results[0].timings
+            self.stats.record_execution(t)
+            lone = items[0] if len(items) == 1 and items[0].alone else None
+            self._observe(
+                t,
+                _perf_ns() - lone.enqueued_ns - t.input_ns - t.infer_ns - t.output_ns
+                if lone is not None
+                else None,
+            )
             for p, result in zip(items, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)
