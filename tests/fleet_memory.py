@@ -16,7 +16,6 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,6 +30,7 @@ from agent.fleet.updater import Updater
 from agent.mqtt.client import Message, MqttClient
 from agent.protocol import chunks
 from tests.fleet_harness import DEVICE, MODEL, Keys
+from tests.light_host import LightHostBase, LightValidatorBase
 
 PREFIX = "edge"
 
@@ -132,75 +132,42 @@ class MemoryTransport:
         return [cast(dict[str, Any], p) for t, p in self.published if t == topic]
 
 
-@dataclass
-class _Success:
-    count: int = 0
-
-
-@dataclass
-class _Stats:
-    faults: int = 0
-    success: _Success = field(default_factory=_Success)
-
-
-@dataclass
-class _Served:
-    stats: _Stats = field(default_factory=_Stats)
-
-
-class MemoryHost:
+class MemoryHost(LightHostBase):
     """The model host: which versions serve, their statistics; loads nothing."""
 
     def __init__(self, repository: Path) -> None:
+        super().__init__()
         self.repository = repository
-        self.serving: dict[str, dict[str, _Served]] = {}
         self.freed = 0
 
-    def versions(self, name: str) -> list[str]:
-        return sorted(self.serving.get(name, {}), key=int)
-
-    def states(self) -> dict[str, object]:
-        return dict(self.serving)
-
-    def serving_versions(self, name: str) -> dict[str, _Served]:
-        return self.serving.get(name, {})
+    def check_activation(self, name: str, version: int) -> None:
+        if not (self.repository / name / str(version)).is_dir():
+            raise AgentError(f"{name}/{version} is not in the repository")
 
     async def activate(self, name: str, version: int | None, prepared: Any = None) -> object:
         await asyncio.sleep(0)
-        if version is None:
-            self.serving.pop(name, None)
-            return None
-        if not (self.repository / name / str(version)).is_dir():
-            raise AgentError(f"{name}/{version} is not in the repository")
-        served = _Served()
-        self.serving[name] = {str(version): served}
-        return served
+        return await super().activate(name, version, prepared)
 
     def free(self, session: Any) -> None:
         if session is not None:
             self.freed += 1
 
 
-class MemoryValidator:
+class MemoryValidator(LightValidatorBase):
+    mode = "memory"
+
     def __init__(self) -> None:
         self.bad: set[bytes] = set()  # model files that fail validation
-
-    @property
-    def extra_files(self) -> tuple[str, ...]:
-        return ()
-
-    def model_file(self, model_name: str, config_text: str | None) -> str:
-        return "model.onnx"
-
-    def referenced_files(self, model_path: Path) -> tuple[str, ...]:
-        return ()  # no external data
 
     async def validate(self, model_name: str, config_text: str | None, model: FileBytes,
                        contents: Mapping[str, FileBytes]) -> Validated:
         await asyncio.sleep(0)
+        return await super().validate(model_name, config_text, model, contents)
+
+    def check(self, model: FileBytes) -> object:
         if bytes(as_bytes(model)) in self.bad:
             raise AgentError("the model gives wrong answers")
-        return Validated(prepared=object(), mode="memory")
+        return object()
 
 
 def settings(root: Path, keys: Keys, **changes: Any) -> UpdaterSettings:

@@ -55,11 +55,11 @@ from agent.adapters.chunk_fetcher import MqttChunkFetcher
 from agent.common.buffers import FileBytes
 from agent.config import build_config
 from agent.errors import AgentError
-from agent.fleet.ports import Validated
 from agent.fleet.settings import UpdaterSettings
 from agent.fleet.state_store import StateStore
 from agent.fleet.updater import Updater
 from agent.mqtt.client import FileRegion, Message, MqttClient, MqttSettings, Will
+from tests.light_host import LightHostBase, LightValidatorBase, Served
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,39 +88,15 @@ class SimOptions:
 # --------------------------------------------------------------------------- light serving side
 
 
-@dataclass
-class _Success:
-    count: int = 0
-
-
-@dataclass
-class _Stats:
-    faults: int = 0
-    success: _Success = field(default_factory=_Success)
-
-
-@dataclass
-class _Served:
-    stats: _Stats = field(default_factory=_Stats)
-
-
-class LightHost:
+class LightHost(LightHostBase):
     """The updater's ``ModelHost`` without onnxruntime: which version serves, no
     requests (probation sees no faults), and every activation it was asked for."""
 
     def __init__(self, model: str, initial_version: int) -> None:
+        super().__init__()
         # The version the device shipped with: serving, though not in its repository.
-        self.serving: dict[str, dict[str, _Served]] = {model: {str(initial_version): _Served()}}
+        self.serving[model] = {str(initial_version): Served()}
         self.activations: list[tuple[str, int | None]] = []  # roll backs included
-
-    def versions(self, name: str) -> list[str]:
-        return sorted(self.serving.get(name, {}), key=int)
-
-    def states(self) -> dict[str, object]:
-        return dict(self.serving)
-
-    def serving_versions(self, name: str) -> dict[str, _Served]:
-        return self.serving.get(name, {})
 
     def active(self, name: str) -> int | None:
         versions = self.versions(name)
@@ -129,41 +105,22 @@ class LightHost:
     async def activate(self, name: str, version: int | None, prepared: Any = None) -> object:
         self.activations.append((name, version))
         del self.activations[:-16]
-        if version is None:
-            self.serving.pop(name, None)
-            return None
-        served = _Served()
-        self.serving[name] = {str(version): served}
-        return served
-
-    def free(self, session: Any) -> None:
-        pass  # LightValidator prepares nothing
+        return await super().activate(name, version, prepared)
 
 
-class LightValidator:
+class LightValidator(LightValidatorBase):
     """The updater's ``VersionValidator`` without a model run: the updater verified
     the signature and digests before it asks, so this accepts, unless ``refuse()``."""
+
+    mode = "simulated"
 
     def __init__(self, refuse: Callable[[], bool]) -> None:
         self._refuse = refuse
 
-    @property
-    def extra_files(self) -> tuple[str, ...]:
-        return ()  # nothing more to read from disk
-
-    def model_file(self, model_name: str, config_text: str | None) -> str:
-        return "model.onnx"
-
-    def referenced_files(self, model_path: Path) -> tuple[str, ...]:
-        return ()  # no external data
-
-    async def validate(
-        self, model_name: str, config_text: str | None, model: FileBytes,
-        contents: Mapping[str, FileBytes],
-    ) -> Validated:
+    def check(self, model: FileBytes) -> object:
         if self._refuse():
             raise AgentError("simulated validation failure")
-        return Validated(prepared=None, mode="simulated")
+        return None
 
 
 # --------------------------------------------------------------------------- one device
@@ -183,23 +140,13 @@ class SimClient(MqttClient):
         self.chunk_requests = 0
 
     async def publish(
-        self,
-        topic: str,
-        payload: bytes | FileRegion,
-        qos: int = 1,
-        retain: bool = False,
-        response_topic: str | None = None,
-        correlation_data: bytes | None = None,
-        user_properties: dict[str, str] | None = None,
-        wait_ack: bool = True,
-        expiry_s: int | None = None,
+        self, topic: str, payload: bytes | FileRegion, *args: Any, **kwargs: Any,
     ) -> None:
         if topic == self._request_topic:
             self.chunk_requests += 1
         elif topic == self._jobs_topic and isinstance(payload, bytes):
             self._on_job(payload)
-        await super().publish(topic, payload, qos, retain, response_topic, correlation_data,
-                              user_properties, wait_ack, expiry_s)
+        await super().publish(topic, payload, *args, **kwargs)
 
 
 def base_settings(options: SimOptions, deployment_trust_dir: Path) -> UpdaterSettings:
