@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,3 +60,27 @@ class AgentProcess(LoggedProcess):
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM, then SIGKILL if it does not exit in time; by PID, always."""
         return self.terminate(timeout)
+
+
+def start_serving(
+    config_path: Path, extra_args: list[str] | None = None, env: Mapping[str, str] | None = None,
+) -> AgentProcess:
+    """Start the agent and wait until it serves; if it never does, it is stopped again."""
+    agent = AgentProcess(config_path, extra_args, env)
+    try:
+        agent.wait_serving()
+    except BaseException:
+        agent.stop()
+        raise
+    return agent
+
+
+def metrics_address(agent: AgentProcess, timeout: float = 15.0) -> str:
+    """The address the agent's Prometheus endpoint listens on, from its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for event in list(agent.events):
+            if event.get("msg") == "prometheus endpoint listening":
+                return str(event["address"])
+        time.sleep(0.05)
+    raise AssertionError("no prometheus endpoint in the log:\n" + agent.log_text()[-3000:])

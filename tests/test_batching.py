@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from tests.agent_process import AgentProcess, write_toml
+from tests.agent_process import AgentProcess, start_serving, write_toml
 from tests.serving_models import (
     SlowModel,
     build_slow_model,
@@ -109,13 +109,7 @@ def _start(tmp: Path, models: dict[str, tuple[bytes, str | None]], **sections: A
     # would otherwise run inline, one request at a time; tests/test_inline_execution.py).
     runtime = {"intra_op_threads": 1, "execution": "worker"}
     config = serving_config(tmp, repo, runtime=runtime, **sections)
-    agent = AgentProcess(write_toml(tmp / "agent.toml", config))
-    try:
-        agent.wait_serving()
-    except BaseException:
-        agent.stop()
-        raise
-    return agent
+    return start_serving(write_toml(tmp / "agent.toml", config))
 
 
 @pytest.fixture(scope="module")

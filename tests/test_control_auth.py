@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 from agent.config import build_config
 from agent.errors import ConfigError
 from agent.serving.control_auth import control_policy
-from tests.agent_process import AgentProcess, write_toml
+from tests.agent_process import AgentProcess, start_serving, write_toml
 from tests.serving_models import make_repository, scale_and_echo_model, serving_config
 from tests.tls_material import TlsMaterial
 
@@ -32,13 +32,7 @@ def _start(tmp: Path, **sections: Any) -> AgentProcess:
     config = serving_config(tmp, repo, **sections)
     config["repository"]["model_control"] = "explicit"
     config["repository"]["startup_models"] = [MODEL]  # explicit control loads none by default
-    agent = AgentProcess(write_toml(tmp / "agent.toml", config))
-    try:
-        agent.wait_serving()
-    except BaseException:
-        agent.stop()
-        raise
-    return agent
+    return start_serving(write_toml(tmp / "agent.toml", config))
 
 
 def _error(call: Callable[[], object]) -> InferenceServerException:

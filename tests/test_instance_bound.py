@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.agent_process import AgentProcess, write_toml
+from tests.agent_process import AgentProcess, start_serving, write_toml
 from tests.serving_models import make_repository, scale_and_echo_model, serving_config
 
 CALL_TIMEOUT_S = 30.0
@@ -38,13 +38,7 @@ def start(tmp: Path, models: dict[str, int], **runtime: Any) -> AgentProcess:
         {name: (scale_and_echo_model(), group(name, n)) for name, n in models.items()},
     )
     config = serving_config(tmp, repo, runtime={"intra_op_threads": 1, **runtime})
-    agent = AgentProcess(write_toml(tmp / "agent.toml", config))
-    try:
-        agent.wait_serving()
-    except BaseException:
-        agent.stop()
-        raise
-    return agent
+    return start_serving(write_toml(tmp / "agent.toml", config))
 
 
 def index(agent: AgentProcess) -> dict[str, tuple[str, str]]:

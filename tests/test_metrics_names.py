@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 import urllib.request
 from typing import Any
 
@@ -26,7 +25,7 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from tests.agent_process import REPO_ROOT, AgentProcess, write_toml
+from tests.agent_process import REPO_ROOT, AgentProcess, metrics_address, write_toml
 
 MODEL = "tabular_classifier"
 VERSION = "2"
@@ -44,16 +43,6 @@ TRITON_COUNTERS = {
 }
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 Scraped = tuple[Samples, dict[str, str], dict[str, Any]]
-
-
-def _metrics_address(agent: AgentProcess, timeout: float = 15.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for event in list(agent.events):
-            if event.get("msg") == "prometheus endpoint listening":
-                return str(event["address"])
-        time.sleep(0.05)
-    raise AssertionError("no prometheus endpoint in the log:\n" + agent.log_text()[-3000:])
 
 
 def _scrape(address: str) -> tuple[Samples, dict[str, str]]:
@@ -86,7 +75,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Scraped:
     agent = AgentProcess(config)
     try:
         agent.wait_serving(60)
-        metrics_at = _metrics_address(agent)
+        metrics_at = metrics_address(agent)
         client = grpcclient.InferenceServerClient(agent.address)
         try:
             for rows in (1, 2, 3, 1, 4):  # 11 samples in 5 requests

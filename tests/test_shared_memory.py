@@ -18,7 +18,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from tests.agent_process import AgentProcess, write_toml
+from tests.agent_process import AgentProcess, start_serving, write_toml
 from tests.serving_models import make_repository, scale_and_echo_model, serving_config
 
 Array = np.ndarray[Any, Any]
@@ -33,13 +33,7 @@ PREFIX = f"edge_test_{os.getpid()}"
 def _start(tmp: Path, **server: Any) -> AgentProcess:
     repo = make_repository(tmp / "models", {"scaler": (scale_and_echo_model(), CONFIG)})
     config = serving_config(tmp, repo, server=server)
-    agent = AgentProcess(write_toml(tmp / "agent.toml", config))
-    try:
-        agent.wait_serving()
-    except BaseException:
-        agent.stop()
-        raise
-    return agent
+    return start_serving(write_toml(tmp / "agent.toml", config))
 
 
 @pytest.fixture(scope="module")

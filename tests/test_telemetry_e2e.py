@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.mqtt.client import MqttClient, MqttSettings
 from agent.telemetry.outbox import OUTBOX_FILENAME, Outbox, OutboxLimits
-from tests.agent_process import REPO_ROOT, AgentProcess, write_toml
+from tests.agent_process import REPO_ROOT, AgentProcess, metrics_address, write_toml
 from tests.mqtt_broker import MosquittoBroker
 
 MODEL = "tabular_classifier"
@@ -185,16 +185,6 @@ class Traffic:
         self.client.close()
 
 
-def _metrics_address(agent: AgentProcess, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for event in list(agent.events):
-            if event.get("msg") == "prometheus endpoint listening":
-                return str(event["address"])
-        time.sleep(0.05)
-    raise AssertionError("no prometheus endpoint in the log:\n" + agent.log_text()[-3000:])
-
-
 def _scrape(address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
         assert resp.status == 200
@@ -253,7 +243,7 @@ def test_telemetry_survives_broker_outage_and_agent_restart(
         first = AgentProcess(config)
         agents.append(first)
         first.wait_serving()
-        metrics_at = _metrics_address(first)
+        metrics_at = metrics_address(first)
         with Traffic(first.address) as traffic:
             collector.wait_for(
                 "health and an unshifted drift window",
